@@ -1,0 +1,1 @@
+"""The competition: vocabulary, CSV readers, metric and submission format."""
