@@ -155,6 +155,32 @@ class EnsembleConfig(Section):
     studies: int = Field(700, ge=1, description="hidden test studies, for the inference budget")
 
 
+class LocalizerConfig(Section):
+    """The level localizer (`spine-ml train-localizer`): a heatmap model over whole slices."""
+    backbone: str = Field("resnet10t", description="timm model for the heatmap encoder (features_only)")
+    input_px: int = Field(128, ge=32, description="each slice is resized to input_px x input_px")
+    context_slices: int = Field(3, ge=1, description="neighbouring slices as input channels (odd)")
+    sigma_mm: float = Field(4.0, gt=0, description="in-plane spread of a target heatmap peak, mm")
+    depth_sigma_mm: float = Field(2.5, gt=0, description="fall-off of a target peak across slices, mm")
+    axial_slices: int = Field(2, ge=0, description="train on the labelled axial slice +- this many")
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    holdout_fraction: float = Field(0.2, ge=0, lt=1, description="train studies held out for the metrics")
+    max_studies: int | None = Field(None, ge=2, description="cap on train studies (quick tests)")
+    axial_max_distance_mm: float = Field(12.0, gt=0, description="a level farther than this from every axial "
+                                         "slice is not covered (its subarticular rows get the prior)")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class PredictConfig(Section):
+    batch_size: int = Field(64, ge=1, description="crops per forward pass")
+    crops_dir: Path = Field(Path("data/cache/test-crops"), description="localised test crops, reused by members")
+    workers: int = Field(1, ge=1, description="processes reading and localising test studies")
+
+
 class Config(Section):
     data: DataConfig = DataConfig()
     prepare: PrepareConfig = PrepareConfig()
@@ -167,6 +193,8 @@ class Config(Section):
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
+    localizer: LocalizerConfig = LocalizerConfig()
+    predict: PredictConfig = PredictConfig()
     project_root: Path = Field(Path("."), description="set by the loader, not in YAML", exclude=True)
 
     @field_validator("search")
