@@ -1,0 +1,1 @@
+"""Models: the severity classifier (timm backbone + per-condition-group heads)."""
