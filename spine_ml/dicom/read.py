@@ -1,0 +1,281 @@
+"""Read a series folder into stacks of parallel, position-ordered slices.
+
+A series folder can hold several stacks (axial series often do: oblique blocks per disc, repeats,
+jumps of 25 mm). Slices are grouped by ImageOrientationPatient, ordered by ImagePositionPatient
+along the slice normal (never by file name), and split where the spacing jumps or where two
+slices share a position. Bad files are skipped with a warning that names them; whatever remains
+is used. Nothing here raises for bad data: problems are collected in ``SeriesRead.problems``.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from spine_ml.dicom.geometry import Stack, unit_normal
+
+log = logging.getLogger(__name__)
+
+ORIENTATION_TOLERANCE = 0.01  # max |Δ direction cosine| within one stack (~0.6°)
+GAP_FACTOR = 1.6  # a step this many times the median spacing starts a new stack
+DUPLICATE_MM = 0.1  # two slices this close along the normal sit at the same position
+IN_PLANE_SHIFT_MM = 5.0  # neighbours whose origins shift this far in-plane belong to different stacks
+
+
+class SliceError(Exception):
+    """One file that cannot be used as a slice; the message says why."""
+
+
+@dataclass
+class SliceFile:
+    """One decoded slice before it joins a stack."""
+    path: Path
+    instance_number: int
+    position: np.ndarray  # (3,)
+    orientation: np.ndarray  # (6,)
+    spacing: np.ndarray  # (2,) [Δrow, Δcol]
+    pixels: np.ndarray  # (R, C) float32, rescaled
+    transfer_syntax: str
+    spacing_tag: float | None  # SpacingBetweenSlices, else SliceThickness
+    missing: tuple[str, ...] = ()  # optional tags that were absent
+
+
+@dataclass
+class SeriesRead:
+    folder: Path
+    stacks: list[Stack]
+    problems: list[str] = field(default_factory=list)
+    skipped_files: list[Path] = field(default_factory=list)
+    file_count: int = 0
+
+    @property
+    def slices(self) -> int:
+        return sum(stack.slices for stack in self.stacks)
+
+    def find_instance(self, instance_number: int) -> tuple[Stack, int]:
+        """(stack, slice index) holding an InstanceNumber; KeyError when no stack holds it."""
+        for stack in self.stacks:
+            if stack.contains_instance(instance_number):
+                return stack, stack.index_of_instance(instance_number)
+        raise KeyError(f"{self.folder}: no slice with instance number {instance_number}")
+
+
+def file_sort_key(path: Path) -> tuple[int, int, str]:
+    """Numeric file names (the instance number) in numeric order, anything else after them."""
+    stem = path.stem
+    return (0, int(stem), "") if stem.isdigit() else (1, 0, path.name)
+
+
+def list_slice_files(folder: Path) -> list[Path]:
+    """The .dcm files of a folder (or every plain file when none ends in .dcm), sorted numerically."""
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    dicom = [p for p in files if p.suffix.lower() == ".dcm"]
+    return sorted(dicom or files, key=file_sort_key)
+
+
+def _number(dataset, keyword: str, default: float | None) -> float | None:
+    value = dataset.get(keyword)
+    if value is None or value == "":
+        return default
+    return float(value)
+
+
+def read_slice(path: Path) -> SliceFile:
+    """Decode one file; SliceError says why it cannot be used."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        dataset = pydicom.dcmread(path)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as error:
+        raise SliceError(f"not a readable DICOM file ({type(error).__name__}: {error})") from None
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelData"):
+        if keyword not in dataset:
+            raise SliceError(f"no {keyword}")
+    try:
+        raw = dataset.pixel_array
+    except Exception as error:  # noqa: BLE001 - decoders raise many types; any of them means "skip this file"
+        raise SliceError(f"pixel data cannot be decoded ({type(error).__name__}: {error})") from None
+    if raw.ndim != 2:
+        raise SliceError(f"expected one 2-D frame, found pixel array of shape {raw.shape}")
+    missing = tuple(k for k in ("RescaleSlope", "SliceThickness", "SpacingBetweenSlices", "PixelSpacing")
+                    if k not in dataset)
+    pixels = raw.astype(np.float32)
+    slope, intercept = _number(dataset, "RescaleSlope", 1.0), _number(dataset, "RescaleIntercept", 0.0)
+    if slope != 1.0 or intercept != 0.0:
+        pixels = pixels * np.float32(slope) + np.float32(intercept)
+    if dataset.get("PhotometricInterpretation") == "MONOCHROME1":  # bright = low values: invert once here
+        pixels = pixels.max() - pixels
+    instance = dataset.get("InstanceNumber")
+    if instance is None or instance == "":
+        if not path.stem.isdigit():
+            raise SliceError("no InstanceNumber and the file name is not a number")
+        instance, missing = int(path.stem), missing + ("InstanceNumber",)
+    spacing = [float(v) for v in dataset.PixelSpacing] if "PixelSpacing" in dataset else [1.0, 1.0]
+    spacing_tag = _number(dataset, "SpacingBetweenSlices", None) or _number(dataset, "SliceThickness", None)
+    return SliceFile(
+        path=path,
+        instance_number=int(instance),
+        position=np.asarray([float(v) for v in dataset.ImagePositionPatient], dtype=np.float64),
+        orientation=np.asarray([float(v) for v in dataset.ImageOrientationPatient], dtype=np.float64),
+        spacing=np.asarray(spacing, dtype=np.float64),
+        pixels=pixels,
+        transfer_syntax=dataset.file_meta.TransferSyntaxUID.name,
+        spacing_tag=spacing_tag,
+        missing=missing,
+    )
+
+
+def group_by_orientation(slices: list[SliceFile]) -> list[list[SliceFile]]:
+    groups: list[list[SliceFile]] = []
+    for piece in slices:
+        for group in groups:
+            if np.max(np.abs(group[0].orientation - piece.orientation)) < ORIENTATION_TOLERANCE:
+                group.append(piece)
+                break
+        else:
+            groups.append([piece])
+    return groups
+
+
+def _layers(ordered: list[SliceFile], depths: np.ndarray) -> list[list[int]]:
+    """Split position-ordered slices so that no two in one layer share a position (repeats)."""
+    layers: list[list[int]] = []
+    for i in range(len(ordered)):
+        for layer in layers:
+            if depths[i] - depths[layer[-1]] > DUPLICATE_MM:
+                layer.append(i)
+                break
+        else:
+            layers.append([i])
+    return layers
+
+
+def _split_on_gaps(layer: list[int], depths: np.ndarray, origins: np.ndarray) -> list[list[int]]:
+    if len(layer) < 3:
+        return [layer]
+    steps = np.diff(depths[layer])
+    typical = float(np.median(steps))
+    shifts = np.linalg.norm(np.diff(origins[layer], axis=0), axis=1)
+    breaks = np.flatnonzero((steps > GAP_FACTOR * typical + 1e-3) | (shifts > IN_PLANE_SHIFT_MM)) + 1
+    return [list(part) for part in np.split(np.asarray(layer), breaks) if len(part)]
+
+
+def split_contiguous(group: list[SliceFile], problems: list[str] | None = None) -> list[list[SliceFile]]:
+    """One orientation group -> runs of evenly spaced slices, each ordered along the normal."""
+    normal = unit_normal(group[0].orientation)
+    depths_raw = np.array([s.position @ normal for s in group])
+    order = sorted(range(len(group)), key=lambda i: (depths_raw[i], group[i].instance_number))
+    ordered = [group[i] for i in order]
+    depths = depths_raw[order]
+    # in-plane origin: the position with its component along the normal removed
+    origins = np.array([s.position - (s.position @ normal) * normal for s in ordered])
+    runs = []
+    layers = _layers(ordered, depths)
+    if len(layers) > 1 and problems is not None:
+        repeated = len(ordered) - len(layers[0])
+        problems.append(f"{repeated} slice(s) repeat the position of another slice (kept as separate stacks)")
+    for layer in layers:
+        runs.extend(_split_on_gaps(layer, depths, origins))
+    return [[ordered[i] for i in run] for run in runs]
+
+
+def resample_slice(piece: SliceFile, shape: tuple[int, int], spacing: np.ndarray) -> np.ndarray:
+    """A slice of another size or spacing put on the stack's grid, keeping its own origin (IPP).
+
+    Target pixel (r, c) lies at IPP + c·Δc'·X + r·Δr'·Y, i.e. at source index (r·Δr'/Δr, c·Δc'/Δc):
+    the IPP is the centre of pixel (0, 0) in both grids, so no half-pixel shift enters.
+    """
+    from scipy.ndimage import affine_transform
+
+    scale = np.asarray(spacing, dtype=np.float64) / piece.spacing
+    return affine_transform(piece.pixels, scale, output_shape=shape, order=1, mode="constant",
+                            cval=float(piece.pixels.min())).astype(np.float32)
+
+
+def assemble_stack(run: list[SliceFile], problems: list[str], label: str) -> Stack:
+    """Position-ordered slices -> a Stack; odd-sized slices resampled to the majority grid."""
+    grids = Counter((s.pixels.shape, tuple(np.round(s.spacing, 5))) for s in run)
+    (shape, spacing_key), _ = grids.most_common(1)[0]
+    spacing = next(s.spacing for s in run if s.pixels.shape == shape and tuple(np.round(s.spacing, 5)) == spacing_key)
+    pixels = np.empty((len(run),) + tuple(shape), dtype=np.float32)
+    resampled = []
+    for i, piece in enumerate(run):
+        if piece.pixels.shape == shape and np.allclose(piece.spacing, spacing, atol=1e-5):
+            pixels[i] = piece.pixels
+        else:
+            pixels[i] = resample_slice(piece, shape, spacing)
+            resampled.append(f"{piece.pixels.shape[0]}x{piece.pixels.shape[1]}")
+    if resampled:
+        problems.append(f"{label}: {len(resampled)} slice(s) of another size/spacing "
+                        f"({', '.join(sorted(set(resampled)))}) resampled to {shape[0]}x{shape[1]}")
+    orientation = run[0].orientation
+    positions = np.stack([s.position for s in run])
+    instances = np.array([s.instance_number for s in run], dtype=np.int64)
+    depths = positions @ unit_normal(orientation)
+    slice_spacing = float(np.median(np.diff(depths))) if len(run) > 1 else float(run[0].spacing_tag or 0.0)
+    _note_order(instances, label, problems)
+    _note_spacing_tag(run, slice_spacing, label, problems)
+    syntaxes = sorted({s.transfer_syntax for s in run})
+    return Stack(pixels=pixels, instance_numbers=instances, positions=positions, orientation=orientation,
+                 pixel_spacing=spacing, slice_spacing=slice_spacing, transfer_syntax=" + ".join(syntaxes),
+                 files=tuple(s.path for s in run))
+
+
+def _note_order(instances: np.ndarray, label: str, problems: list[str]) -> None:
+    if len(instances) > 1 and np.all(np.diff(instances) < 0):
+        problems.append(f"{label}: instance numbers run against the slice normal (reversed stack; "
+                        "ordered by position)")
+    elif len(instances) > 2 and not (np.all(np.diff(instances) > 0) or np.all(np.diff(instances) < 0)):
+        problems.append(f"{label}: instance numbers are not monotonic along the normal (ordered by position)")
+    ordered = np.sort(instances)
+    if len(ordered) > 1 and np.any(np.diff(ordered) > 1):
+        problems.append(f"{label}: instance numbers skip (gaps between {ordered[0]} and {ordered[-1]})")
+
+
+def _note_spacing_tag(run: list[SliceFile], slice_spacing: float, label: str, problems: list[str]) -> None:
+    tags = [s.spacing_tag for s in run if s.spacing_tag]
+    if len(run) > 1 and tags and abs(np.median(tags) - slice_spacing) > 0.25 * slice_spacing:
+        problems.append(f"{label}: SpacingBetweenSlices/SliceThickness {np.median(tags):.2f} mm disagrees with "
+                        f"the positions ({slice_spacing:.2f} mm); using the positions")
+
+
+def _note_missing_tags(slices: list[SliceFile], problems: list[str]) -> None:
+    counts = Counter(tag for s in slices for tag in s.missing)
+    fallbacks = {"RescaleSlope": "assumed 1", "SliceThickness": "spacing from positions",
+                 "SpacingBetweenSlices": "spacing from positions", "PixelSpacing": "assumed 1 mm",
+                 "InstanceNumber": "taken from the file name"}
+    for tag, count in sorted(counts.items()):
+        problems.append(f"{tag} missing in {count} of {len(slices)} file(s) ({fallbacks[tag]})")
+
+
+def read_series(folder: Path | str) -> SeriesRead:
+    """Read every slice file of a series folder into stacks; never raises for bad data."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return SeriesRead(folder, [], [f"series folder {folder} does not exist"])
+    paths = list_slice_files(folder)
+    result = SeriesRead(folder, [], file_count=len(paths))
+    slices = []
+    for path in paths:
+        try:
+            slices.append(read_slice(path))
+        except SliceError as error:
+            log.warning("%s: skipped (%s)", path, error)
+            result.skipped_files.append(path)
+            result.problems.append(f"{path.name}: skipped ({error})")
+    if not slices:
+        result.problems.append(f"no usable DICOM slice in {folder}" + (f" ({len(paths)} file(s) skipped)" if paths else ""))
+        return result
+    _note_missing_tags(slices, result.problems)
+    runs = [run for group in group_by_orientation(slices) for run in split_contiguous(group, result.problems)]
+    runs.sort(key=lambda run: min(s.instance_number for s in run))  # acquisition order
+    for number, run in enumerate(runs):
+        result.stacks.append(assemble_stack(run, result.problems, f"stack {number}"))
+    if len(runs) > 1:
+        result.problems.append(f"{len(runs)} stacks in one series "
+                               f"({len({tuple(np.round(r[0].orientation, 2)) for r in runs})} orientation(s))")
+    return result
