@@ -1,0 +1,1 @@
+"""MLflow tracking: store/URI resolution and logging of trial results."""
