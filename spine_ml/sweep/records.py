@@ -18,11 +18,9 @@ KIND_TAG = "spine_ml.run_kind"  # sweep | trial | train | ensemble
 
 
 def client(config: Config):
-    from mlflow.tracking import MlflowClient
+    from spine_ml.tracking.store import client as store_client
 
-    from spine_ml.tracking.store import tracking_uri
-
-    return MlflowClient(tracking_uri=tracking_uri(config))
+    return store_client(config)
 
 
 def _retry(call, attempts: int = 5):
