@@ -234,3 +234,52 @@ def test_real_files_in_several_transfer_syntaxes(tmp_path):
     assert {"RLE Lossless", "JPEG-LS Lossless Image Compression", "Explicit VR Big Endian"} <= set(syntaxes)
     for stack in series.stacks:
         np.testing.assert_array_equal(stack.pixels[0], reference)
+
+
+# --- spine-ml inspect ---------------------------------------------------------------------------------
+
+def run_inspect(capsys, *args: str) -> tuple[int, str, str]:
+    from spine_ml.cli import main
+
+    code = main(["inspect", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_inspect_real_series_json(mr700, capsys):
+    code, out, _ = run_inspect(capsys, mr700, "--json")
+    report = json.loads(out)
+    assert code == 0 and report["study_id"] is None and len(report["series"]) == 1
+    series = report["series"][0]
+    assert series["series_id"] == "mr700" and series["description"] is None and series["files"] == 7
+    assert [s["slices"] for s in series["stacks"]] == [1] * 7
+    first = series["stacks"][0]
+    assert (first["rows"], first["columns"]) == (16, 16) and first["pixel_spacing"] == [0.390625, 0.390625]
+    assert first["transfer_syntax"] == "Explicit VR Little Endian" and len(first["orientation"]) == 6
+    assert any("7 stacks" in p for p in series["problems"])
+
+
+def test_inspect_study_of_syntaxes_with_broken_file(tmp_path, capsys, caplog):
+    study = tmp_path / "train_images" / "123"
+    for series_id, names in ((11, ["MR_small_RLE.dcm", "MR_truncated.dcm"]), (12, ["MR_small_jpeg_ls_lossless.dcm"])):
+        for number, name in enumerate(names, start=1):
+            (study / str(series_id)).mkdir(parents=True, exist_ok=True)
+            shutil.copy(TEST_FILES / name, study / str(series_id) / f"{number}.dcm")
+    (tmp_path / "train_series_descriptions.csv").write_text("study_id,series_id,series_description\n"
+                                                           "123,11,Axial T2\n123,12,Sagittal T1\n")
+    code, out, err = run_inspect(capsys, study, "--json")
+    report = json.loads(out)
+    assert code == 0 and report["study_id"] == 123
+    rle, jpeg = report["series"]
+    assert (rle["series_id"], rle["description"], jpeg["description"]) == (11, "Axial T2", "Sagittal T1")
+    assert rle["skipped_files"] == ["2.dcm"] and any("2.dcm" in p and "decoded" in p for p in rle["problems"])
+    assert rle["stacks"][0]["transfer_syntax"] == "RLE Lossless"
+    assert jpeg["stacks"][0]["transfer_syntax"] == "JPEG-LS Lossless Image Compression"
+    assert any("2.dcm" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    code, text, _ = run_inspect(capsys, study)
+    assert code == 0 and "series 11  Axial T2" in text and "64x64" in text and "! 2.dcm: skipped" in text
+
+
+def test_inspect_bad_path_is_a_clean_error(tmp_path, capsys):
+    code, out, err = run_inspect(capsys, tmp_path / "nope")
+    assert code == 2 and "no such folder" in err and "Traceback" not in err
