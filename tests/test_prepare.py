@@ -416,3 +416,34 @@ def test_loader_workers_and_no_dicom_opened_during_training(mini_cache, tmp_path
     assert sum(len(b) for b in serial) == len(dataset) == 144
     for a, b in zip(serial, parallel):
         np.testing.assert_array_equal(a, b)
+
+
+# --- the CLI ----------------------------------------------------------------------------------------------
+
+def test_prepare_cli_summary_and_concurrent_builders(tmp_path, mini_data):
+    config = mini_config(tmp_path, mini_data)  # writes sweeps/mini.yaml
+    command = [str(PROJECT / ".venv" / "bin" / "spine-ml"), "prepare", str(tmp_path / "sweeps" / "mini.yaml")]
+    if not Path(command[0]).exists():
+        command = [sys.executable, "-m", "spine_ml.cli", *command[1:]]
+    env = {**__import__("os").environ, "SPINE_ML_QUIET": "1"}
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    summaries = [dict(line.split(None, 1) for line in out.strip().splitlines()) for out, _ in outputs]
+    assert sorted(s["built_now"] for s in summaries) == ["False", "True"]  # the lock made one wait, then reuse
+    assert {s["cache"] for s in summaries} == {str(config.path("data/cache") / Path(summaries[0]["cache"]).name)}
+    assert summaries[0]["samples"] == "150" and summaries[0]["studies"] == "6"
+    assert summaries[0]["labels_missing"] == "6" and summaries[0]["studies_missing_series"] == "0"
+    assert [p.name for p in (tmp_path / "data" / "cache").iterdir() if p.is_dir()] == [Path(summaries[0]["cache"]).name]
+
+
+def test_prepare_cli_in_process_and_bad_config(tmp_path, mini_data, capsys):
+    from spine_ml.cli import main
+
+    mini_config(tmp_path, mini_data)
+    path = str(tmp_path / "sweeps" / "mini.yaml")
+    assert main(["prepare", path, "--set", "prepare.slices=1"]) == 0
+    assert "built_now" in capsys.readouterr().out
+    assert main(["prepare", path, "--set", "prepare.slice=1"]) == 2
+    assert "prepare.slice" in capsys.readouterr().err

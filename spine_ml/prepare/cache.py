@@ -181,7 +181,10 @@ def build_cache(root: Path, target: Path, prepare_cfg, fingerprint: dict, progre
             "build_seconds": round(seconds, 3), "studies_per_second": round(rate, 3),
             "workers": prepare_cfg.workers}
     (building / "meta.json").write_text(json.dumps(meta, indent=1))
-    os.replace(building, target) if not target.exists() else _swap_in(building, target)
+    if target.exists():
+        _swap_in(building, target)
+    else:
+        os.replace(building, target)
     log.info("crop cache %s: %d samples from %d studies (%d DICOM files) in %.1f s, %.1f studies/s",
              target.name, samples, len(tasks), files, seconds, rate)
     return seconds
