@@ -109,6 +109,8 @@ VERBS: tuple[Verb, ...] = (
          "spine-ml sweep sweeps/demo.yaml", "spine_ml.sweep.run:cli", _sweep),
     Verb("ensemble", "pick the best runs, fit blend weights on OOF, write submission.csv",
          "spine-ml ensemble sweeps/demo.yaml --top-k 5", "spine_ml.ensemble.run:cli", _ensemble),
+    Verb("train-localizer", "train the level localizer (heatmaps from train_label_coordinates.csv), one MLflow run",
+         "spine-ml train-localizer sweeps/demo.yaml", "spine_ml.localize.cli:cli", _train),
     Verb("predict", "test-time inference from raw test studies to submission rows",
          "spine-ml predict sweeps/demo.yaml --run RUN_ID --out submission.csv", "spine_ml.predict.run:cli", _predict),
     Verb("score", "the competition metric with its four parts",

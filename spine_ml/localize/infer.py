@@ -1,0 +1,213 @@
+"""Find every (condition, level) of a study without coordinates: the site each crop is cut around.
+
+- Sagittal T2/STIR: per level, the slice and point where the spinal channel peaks highest.
+- Sagittal T1: per level and side, the highest foraminal peak among the slices on that side of the
+  midline (patient +x is Left; the midline is the spinal points' x when T2 was read, else the
+  middle of the T1 stack).
+- Axial T2: each level's point (spinal, else the midpoint of the two foramina) is projected into
+  every axial stack with the DICOM geometry; the stack whose plane passes closest (with the point
+  inside its image) gives the slice, and the subarticular channels refine the left/right points
+  on that slice.
+A series that is missing or unreadable leaves its conditions without sites (the caller falls back
+to the prior for those rows); nothing here raises for bad data.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from spine_ml.competition import vocabulary as V
+from spine_ml.dicom.geometry import Stack
+from spine_ml.localize import slices as S
+from spine_ml.models import localizer as L
+
+log = logging.getLogger(__name__)
+SPINAL, LEFT_FORAMEN, RIGHT_FORAMEN, LEFT_SUBARTICULAR, RIGHT_SUBARTICULAR = V.CONDITIONS
+LEFT_IS_POSITIVE_X = True  # LPS: +x points to the patient's left
+
+
+@dataclass
+class Site:
+    """Where one (condition, level) was found: a slice of a stack and a native pixel (x, y) on it."""
+    series_id: int
+    stack: Stack
+    slice_index: int
+    x: float
+    y: float
+    score: float  # heatmap peak height in [0, 1]; for axial sites also the stack choice
+
+    @property
+    def instance_number(self) -> int:
+        return int(self.stack.instance_numbers[self.slice_index])
+
+    @property
+    def point(self) -> np.ndarray:
+        return self.stack.pixel_to_patient(self.slice_index, self.x, self.y)
+
+
+@dataclass
+class StudyLocalization:
+    study_id: int
+    sites: dict[tuple[str, str], Site] = field(default_factory=dict)  # (condition, level) -> site
+    problems: list[str] = field(default_factory=list)  # one sentence per missing/unreadable series
+    series: dict[int, object] = field(default_factory=dict)  # series_id -> SeriesRead (for evaluation)
+    descriptions: dict[int, str] = field(default_factory=dict)  # series_id -> series description
+
+
+class Localizer:
+    """A trained heatmap model, ready to run on stacks (eval mode, no gradients)."""
+
+    def __init__(self, model, cfg, percentiles: tuple[float, float], device: str = "cpu", batch_size: int = 32):
+        self.model, self.cfg, self.percentiles = model.eval(), cfg, tuple(percentiles)
+        self.device, self.batch_size = device, batch_size
+        self.grid = L.heatmap_size(cfg.input_px)
+        self.key: str | None = None  # identity for caches (hash of the saved weights), set by loaders
+
+    def heatmaps(self, stack: Stack, slice_indices=None) -> np.ndarray:
+        """(n, LANDMARKS, grid, grid) peak heights in [0, 1] for slices of a stack (default: all)."""
+        import torch
+
+        indices = range(stack.slices) if slice_indices is None else slice_indices
+        inputs = S.model_inputs(stack, list(indices), self.cfg.input_px, self.cfg.context_slices, self.percentiles)
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(inputs), self.batch_size):
+                batch = torch.from_numpy(inputs[start:start + self.batch_size].astype(np.float32)).to(self.device)
+                out.append(torch.sigmoid(self.model(batch).float()).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, L.LANDMARKS, self.grid, self.grid), np.float32)
+
+
+def _peak_site(series_id: int, stack: Stack, maps: np.ndarray, slice_indices, grid: int) -> Site:
+    """The arg-max over (slice, row, column) of one channel's maps (n, grid, grid), refined sub-cell."""
+    flat = int(np.argmax(maps))
+    n, row, column = np.unravel_index(flat, maps.shape)
+    v, u = L.refine_peak(maps[n], int(row), int(column))
+    return Site(series_id, stack, int(slice_indices[n]), float(L.from_grid(u, stack.columns, grid)),
+                float(L.from_grid(v, stack.rows, grid)), float(maps[n, row, column]))
+
+
+def _best(sites: list[Site]) -> Site | None:
+    return max(sites, key=lambda s: s.score) if sites else None
+
+
+def localize_spinal(localizer: Localizer, series_id: int, stacks: list[Stack]) -> dict[str, Site]:
+    found: dict[str, list[Site]] = {lv: [] for lv in V.LEVELS}
+    for stack in stacks:
+        maps = localizer.heatmaps(stack)
+        for k, level in enumerate(V.LEVELS):
+            found[level].append(_peak_site(series_id, stack, maps[:, L.SPINAL_CHANNELS[k]], range(stack.slices),
+                                           localizer.grid))
+    return {level: _best(sites) for level, sites in found.items() if sites}
+
+
+def localize_foramina(localizer: Localizer, series_id: int, stacks: list[Stack],
+                      midline_x: float | None) -> dict[tuple[str, str], Site]:
+    found: dict[tuple[str, str], list[Site]] = {}
+    for stack in stacks:
+        maps = localizer.heatmaps(stack)
+        centres_x = S.slice_centres(stack)[:, 0]
+        middle = float(np.median(centres_x)) if midline_x is None else midline_x
+        on_left = centres_x > middle if LEFT_IS_POSITIVE_X else centres_x < middle
+        for condition, side in ((LEFT_FORAMEN, on_left), (RIGHT_FORAMEN, ~on_left)):
+            slices = np.flatnonzero(side) if side.any() else np.arange(stack.slices)
+            for k, level in enumerate(V.LEVELS):
+                site = _peak_site(series_id, stack, maps[slices, L.FORAMINAL_CHANNELS[k]], slices, localizer.grid)
+                found.setdefault((condition, level), []).append(site)
+    return {key: _best(sites) for key, sites in found.items()}
+
+
+def level_points(sites: dict[tuple[str, str], Site]) -> dict[str, np.ndarray]:
+    """Patient point per level for the axial projection: spinal canal, else the foramina's midpoint."""
+    points = {}
+    for level in V.LEVELS:
+        if (SPINAL, level) in sites:
+            points[level] = sites[(SPINAL, level)].point
+        else:
+            sides = [sites[(c, level)].point for c in (LEFT_FORAMEN, RIGHT_FORAMEN) if (c, level) in sites]
+            if sides:
+                points[level] = np.mean(sides, axis=0)
+    return points
+
+
+def nearest_axial_slice(point: np.ndarray, axial: list[tuple[int, Stack]]) -> tuple[int, Stack, int, float] | None:
+    """(series_id, stack, slice index, distance mm) of the axial slice whose plane passes closest to
+    `point` with the point's projection inside the image; None when no stack contains it in-plane."""
+    best = None
+    for series_id, stack in axial:
+        slice_index, x, y, distance = stack.patient_to_pixel(point)
+        inside = 0 <= x <= stack.columns - 1 and 0 <= y <= stack.rows - 1
+        if inside and (best is None or distance < best[3]):
+            best = (series_id, stack, slice_index, distance)
+    return best
+
+
+def localize_subarticular(localizer: Localizer, points: dict[str, np.ndarray],
+                          axial: list[tuple[int, Stack]], study_id: int) -> dict[tuple[str, str], Site]:
+    sites = {}
+    for level, point in points.items():
+        nearest = nearest_axial_slice(point, axial)
+        if nearest is None or nearest[3] > localizer.cfg.axial_max_distance_mm:
+            log.info("study %d: level %s is not covered by any axial stack (nearest %s); subarticular rows "
+                     "fall back to the prior", study_id, V.LEVEL_TITLES[level],
+                     "none" if nearest is None else f"{nearest[3]:.1f} mm")
+            continue
+        series_id, stack, slice_index, distance = nearest
+        maps = localizer.heatmaps(stack, [slice_index])
+        for condition, channel in zip((LEFT_SUBARTICULAR, RIGHT_SUBARTICULAR), L.SUBARTICULAR_CHANNELS):
+            sites[(condition, level)] = _peak_site(series_id, stack, maps[:, channel], [slice_index], localizer.grid)
+    return sites
+
+
+def _read_by_description(study_folder: Path, series: list[tuple[int, str]], result: StudyLocalization):
+    from spine_ml.dicom.read import read_series
+
+    stacks: dict[str, list[tuple[int, Stack]]] = {d: [] for d in V.SERIES_DESCRIPTIONS}
+    for series_id, description in series:
+        if description not in stacks:
+            result.problems.append(f"series {series_id}: unknown description {description!r}; ignored")
+            continue
+        read = read_series(study_folder / str(series_id))
+        result.series[int(series_id)], result.descriptions[int(series_id)] = read, description
+        if not read.stacks:
+            reason = read.problems[-1] if read.problems else "no slices"
+            result.problems.append(f"{description} series {series_id}: {reason}")
+        stacks[description].extend((int(series_id), stack) for stack in read.stacks)
+    for description in (V.SAGITTAL_T2, V.SAGITTAL_T1, V.AXIAL_T2):
+        if not stacks[description]:
+            result.problems.append(f"no readable {description} series")
+    return stacks
+
+
+def _main_series(stacks: list[tuple[int, Stack]]) -> tuple[int, list[Stack]] | None:
+    """Of several series of one sagittal type, the one with the most slices."""
+    if not stacks:
+        return None
+    totals: dict[int, int] = {}
+    for series_id, stack in stacks:
+        totals[series_id] = totals.get(series_id, 0) + stack.slices
+    chosen = max(totals, key=totals.get)
+    return chosen, [stack for series_id, stack in stacks if series_id == chosen]
+
+
+def localize_study(localizer: Localizer, study_folder: Path | str, series: list[tuple[int, str]],
+                   study_id: int | None = None) -> StudyLocalization:
+    """Sites of every condition and level that the study's readable series allow."""
+    study_folder = Path(study_folder)
+    result = StudyLocalization(int(study_id if study_id is not None else study_folder.name))
+    stacks = _read_by_description(study_folder, series, result)
+    t2 = _main_series(stacks[V.SAGITTAL_T2])
+    if t2 is not None:
+        for level, site in localize_spinal(localizer, *t2).items():
+            result.sites[(SPINAL, level)] = site
+    t1 = _main_series(stacks[V.SAGITTAL_T1])
+    if t1 is not None:
+        spinal = [s.point[0] for (c, _), s in result.sites.items() if c == SPINAL]
+        midline = float(np.median(spinal)) if spinal else None
+        result.sites.update(localize_foramina(localizer, *t1, midline))
+    if stacks[V.AXIAL_T2]:
+        result.sites.update(localize_subarticular(localizer, level_points(result.sites), stacks[V.AXIAL_T2],
+                                                  result.study_id))
+    return result

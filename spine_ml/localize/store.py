@@ -1,0 +1,122 @@
+"""Localizer runs in MLflow: log a trained localizer, find and load one for prediction.
+
+A localizer run carries the tag ``spine_ml.kind=localizer``, params ``localizer.*``, the metrics of
+`localize.metrics` (held-out studies) and the artifact folder ``localizer/`` (localizer.pt +
+localizer.yaml), which `load_localizer` reads.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from spine_ml.errors import UserError
+
+log = logging.getLogger(__name__)
+KIND = "localizer"
+ARTIFACT_FOLDER = "localizer"
+
+
+class LocalizerNotFound(UserError):
+    """No localizer run or folder where one was named or expected."""
+
+
+def log_localizer(config, result, run_name: str | None = None) -> str:
+    """One MLflow run for a trained localizer; returns its run id."""
+    from mlflow.entities import Metric, Param, RunStatus
+
+    from spine_ml.tracking.store import client, ensure_experiment
+
+    mlflow_client = client(config)
+    experiment_id = ensure_experiment(config)
+    run = mlflow_client.create_run(experiment_id, run_name=run_name or f"localizer-{config.localizer.backbone}",
+                                   tags={"spine_ml.kind": KIND, "spine_ml.backbone": config.localizer.backbone})
+    run_id = run.info.run_id
+    try:
+        now = int(time.time() * 1000)
+        params = {f"localizer.{k}": str(v) for k, v in config.localizer.model_dump(mode="json").items()}
+        params.update({"data.root": str(config.data.root), "prepare.percentiles": str(list(config.prepare.percentiles)),
+                       "train_studies": str(len(result.train_studies)),
+                       "holdout_studies": str(len(result.holdout_studies)), "samples": str(result.samples)})
+        mlflow_client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+        metrics = [Metric(k, float(v), now, 0) for k, v in result.metrics.items() if v == v]  # NaN: not logged
+        metrics += [Metric("wall_seconds", result.wall_seconds, now, 0)]
+        metrics += [Metric("train_loss_epoch", h["train_loss"], now, h["epoch"]) for h in result.history]
+        mlflow_client.log_batch(run_id, metrics=metrics)
+        mlflow_client.log_artifacts(run_id, str(result.folder), artifact_path=ARTIFACT_FOLDER)
+    except BaseException:
+        mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    return run_id
+
+
+def latest_localizer_run(config) -> str:
+    from spine_ml.tracking.store import client, ensure_experiment, tracking_uri
+
+    experiment_id = ensure_experiment(config)
+    runs = client(config).search_runs([experiment_id], filter_string=f"tags.`spine_ml.kind` = '{KIND}' and "
+                                      "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
+                                      max_results=1)
+    if not runs:
+        raise LocalizerNotFound(
+            f"no finished localizer run in experiment {config.tracking.experiment!r} of {tracking_uri(config)}; "
+            f"train one with `spine-ml train-localizer CONFIG`, or pass --localizer RUN_ID")
+    return runs[0].info.run_id
+
+
+def download_localizer(config, run_id: str, folder: Path) -> Path:
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    from spine_ml.tracking.store import tracking_uri
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=ARTIFACT_FOLDER,
+                                                        dst_path=str(folder), tracking_uri=tracking_uri(config)))
+    except (MlflowException, OSError) as error:
+        raise LocalizerNotFound(f"localizer run {run_id}: cannot fetch its {ARTIFACT_FOLDER}/ artifacts from "
+                                f"{tracking_uri(config)} ({error}); is it a localizer run of this store?") from None
+
+
+def folder_key(folder: Path) -> str:
+    """Identity of a saved localizer: the hash of its weights and settings files."""
+    from spine_ml.localize.train import CHECKPOINT, SETTINGS
+
+    digest = hashlib.sha256()
+    for name in (CHECKPOINT, SETTINGS):
+        digest.update((folder / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def resolve_localizer(config, localizer) -> tuple[object, str]:
+    """(ready Localizer, identity key) from a Localizer, a folder, a run id, or None (newest run)."""
+    from spine_ml.localize.infer import Localizer
+    from spine_ml.localize.train import load_localizer
+    from spine_ml.training.device import resolve_device
+
+    device = str(resolve_device(config.train.model_copy(update={"device": config.localizer.device})))
+    if isinstance(localizer, Localizer):
+        return localizer, getattr(localizer, "key", None) or model_key(localizer.model)
+    if localizer is not None and Path(str(localizer)).is_dir():
+        folder = Path(str(localizer))
+        loaded = load_localizer(folder, device, config.localizer.batch_size)
+        loaded.key = folder_key(folder)
+        return loaded, loaded.key
+    run_id = str(localizer) if localizer is not None else latest_localizer_run(config)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = download_localizer(config, run_id, Path(scratch))
+        loaded = load_localizer(folder, device, config.localizer.batch_size)
+        loaded.key = folder_key(folder)
+    log.info("localizer: run %s", run_id)
+    return loaded, loaded.key
+
+
+def model_key(model) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]

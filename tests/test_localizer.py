@@ -1,0 +1,114 @@
+"""The level localizer: geometry of its targets and of the axial mapping (on hand-built stacks), the
+augmentation keeping images and targets together, and training + scoring on the tiny data set."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from spine_ml.dicom.geometry import Stack
+from spine_ml.models import localizer as L
+
+
+def make_stack(orientation, first_position, slices=5, spacing=4.0, rows=40, columns=50, pixel=(1.0, 0.8)):
+    orientation = np.asarray(orientation, dtype=np.float64)
+    normal = np.cross(orientation[:3], orientation[3:])
+    positions = np.asarray(first_position, dtype=np.float64) + np.arange(slices)[:, None] * spacing * normal
+    rng = np.random.default_rng(0)
+    return Stack(pixels=rng.random((slices, rows, columns), dtype=np.float32),
+                 instance_numbers=np.arange(1, slices + 1), positions=positions, orientation=orientation,
+                 pixel_spacing=np.asarray(pixel), slice_spacing=spacing, transfer_syntax="test")
+
+
+SAGITTAL = [0, 1, 0, 0, 0, -1]
+AXIAL = [1, 0, 0, 0, 1, 0]
+
+
+def test_grid_mapping_round_trips_and_keeps_pixel_centres():
+    x = np.array([0.0, 10.3, 63.0])
+    assert np.allclose(L.from_grid(L.to_grid(x, 64, 16), 64, 16), x)
+    # the image centre maps to the grid centre
+    assert L.to_grid(31.5, 64, 16) == pytest.approx(7.5)
+
+
+def test_refine_peak_finds_the_centre_between_cells():
+    heat = np.zeros((8, 8))
+    heat[3, 4], heat[3, 5] = 1.0, 1.0  # peak half-way between columns 4 and 5
+    row, column = L.refine_peak(heat, 3, 4)
+    assert row == pytest.approx(3.0) and column == pytest.approx(4.5)
+
+
+def test_slice_peaks_fall_off_with_depth_and_land_on_the_point():
+    from spine_ml.localize.dataset import slice_peaks
+
+    stack = make_stack(SAGITTAL, [-8.0, -20.0, 30.0])  # slices at x = -8, -4, 0, 4, 8
+    point = stack.pixel_to_patient(2, 20.0, 10.0)
+    grid = 16
+    peaks = [slice_peaks(stack, s, [(0, 0, point)], grid, sigma_mm=4.0, depth_sigma_mm=4.0) for s in range(5)]
+    amplitudes = [p[0, 0, 2] for p in peaks]
+    assert amplitudes[2] == pytest.approx(1.0)
+    assert amplitudes[1] == pytest.approx(np.exp(-0.5)) and amplitudes[3] == pytest.approx(np.exp(-0.5))
+    assert amplitudes[0] == pytest.approx(np.exp(-2.0))
+    u, v = peaks[2][0, 0, :2]
+    assert L.from_grid(u, stack.columns, grid) == pytest.approx(20.0)
+    assert L.from_grid(v, stack.rows, grid) == pytest.approx(10.0)
+    # sigma in grid cells: 4 mm / (0.8 mm * 50 px / 16 cells)
+    assert peaks[2][0, 0, 3] == pytest.approx(4.0 / (0.8 * 50 / 16))
+    assert not peaks[2][1:].any()  # other channels untouched
+
+
+def test_nearest_axial_slice_picks_the_stack_whose_plane_passes_closest():
+    from spine_ml.localize.infer import nearest_axial_slice
+
+    low = make_stack(AXIAL, [-20.0, -20.0, 0.0], slices=4, spacing=4.0)  # z = 0, 4, 8, 12
+    high = make_stack(AXIAL, [-20.0, -20.0, 40.0], slices=4, spacing=4.0)  # z = 40 .. 52
+    point = np.array([0.0, 0.0, 45.0])
+    series_id, stack, slice_index, distance = nearest_axial_slice(point, [(1, low), (2, high)])
+    assert (series_id, stack, slice_index) == (2, high, 1) and distance == pytest.approx(1.0)
+    assert nearest_axial_slice(np.array([0.0, 0.0, 9.0]), [(1, low), (2, high)])[2] == 2
+    # a point beside every image is covered by no stack
+    assert nearest_axial_slice(np.array([500.0, 0.0, 45.0]), [(1, low), (2, high)]) is None
+
+
+def test_augmentation_moves_targets_with_the_image():
+    import torch
+
+    from spine_ml.localize.train import augment, render_targets
+
+    grid, size = 16, 64
+    peaks = torch.zeros(4, L.LANDMARKS, 2, 5)
+    peaks[:, 3, 0] = torch.tensor([5.0, 9.0, 1.0, 1.0, 1.0])
+    # the image: the target itself, upsampled, so a warped image must peak where the warped target does
+    images = torch.nn.functional.interpolate(render_targets(peaks, grid)[:, 3:4], size=(size, size), mode="bilinear",
+                                             align_corners=False).repeat(1, 3, 1, 1)
+    moved_images, moved_peaks = augment(images, peaks, grid, torch.Generator().manual_seed(3))
+    for b in range(4):
+        image_peak = np.unravel_index(int(moved_images[b, 0].argmax()), (size, size))
+        target_peak = moved_peaks[b, 3, 0, :2].numpy()  # (u, v) in grid cells
+        assert L.from_grid(target_peak[0], size, grid) == pytest.approx(image_peak[1], abs=1.5)
+        assert L.from_grid(target_peak[1], size, grid) == pytest.approx(image_peak[0], abs=1.5)
+
+
+def test_heatmap_model_shapes_and_loss_mask():
+    import torch
+
+    from spine_ml.config import LocalizerConfig
+    from spine_ml.localize.train import heatmap_loss
+
+    model = L.build_localizer(LocalizerConfig(input_px=64))
+    logits = model(torch.rand(2, 3, 64, 64))
+    assert logits.shape == (2, L.LANDMARKS, 16, 16)
+    targets = torch.zeros_like(logits)
+    mask = torch.zeros(2, L.LANDMARKS)
+    mask[:, :5] = 1
+    loss = heatmap_loss(logits, targets, mask)
+    changed = logits.detach().clone()
+    changed[:, 5:] += 10.0  # unmasked channels do not count
+    assert heatmap_loss(changed, targets, mask).item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_unknown_backbone_is_a_clear_error():
+    from spine_ml.config import LocalizerConfig
+    from spine_ml.models.classifier import ModelError
+
+    with pytest.raises(ModelError, match="resnet10"):
+        L.build_localizer(LocalizerConfig(backbone="resnet10x"))
