@@ -76,11 +76,44 @@ def list_slice_files(folder: Path) -> list[Path]:
     return sorted(dicom or files, key=file_sort_key)
 
 
-def _number(dataset, keyword: str, default: float | None) -> float | None:
-    value = dataset.get(keyword)
-    if value is None or value == "":
-        return default
-    return float(value)
+_TAGS = {  # keyword -> (group, element), looked up once instead of per file
+    "ImagePositionPatient": 0x00200032, "ImageOrientationPatient": 0x00200037, "PixelSpacing": 0x00280030,
+    "RescaleSlope": 0x00281053, "RescaleIntercept": 0x00281052, "SliceThickness": 0x00180050,
+    "SpacingBetweenSlices": 0x00180088, "InstanceNumber": 0x00200013, "PhotometricInterpretation": 0x00280004,
+}
+
+
+def _tag_values(dataset, keyword: str) -> list[str] | None:
+    """The text values of a DS/IS/CS tag, or None when absent or empty.
+
+    Reads the raw element (`get_item`) instead of pydicom's converted attribute: conversion costs
+    more than the pixel decode of a small slice, and prepare's speed is bounded by this function.
+    """
+    element = dataset.get_item(_TAGS[keyword])
+    if element is None or element.value is None:
+        return None
+    value = element.value
+    if isinstance(value, (bytes, bytearray)):
+        text = value.decode("ascii", "replace").strip(" \x00")
+        return [v.strip() for v in text.split("\\")] if text else None
+    items = [value] if isinstance(value, (str, int, float)) else list(value)  # converted: one value or MultiValue
+    values = [str(v).strip() for v in items if str(v).strip()]
+    return values or None
+
+
+def _floats(dataset, keyword: str, count: int) -> np.ndarray | None:
+    values = _tag_values(dataset, keyword)
+    if values is None or len(values) != count:
+        return None
+    try:
+        return np.array([float(v) for v in values], dtype=np.float64)
+    except ValueError:
+        return None
+
+
+def _float(dataset, keyword: str) -> float | None:
+    values = _floats(dataset, keyword, 1)
+    return None if values is None else float(values[0])
 
 
 def read_slice(path: Path) -> SliceFile:
@@ -92,39 +125,40 @@ def read_slice(path: Path) -> SliceFile:
         dataset = pydicom.dcmread(path)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as error:
         raise SliceError(f"not a readable DICOM file ({type(error).__name__}: {error})") from None
-    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelData"):
-        if keyword not in dataset:
-            raise SliceError(f"no {keyword}")
+    position = _floats(dataset, "ImagePositionPatient", 3)
+    orientation = _floats(dataset, "ImageOrientationPatient", 6)
+    if position is None or orientation is None:
+        raise SliceError("no usable ImagePositionPatient/ImageOrientationPatient (cannot be placed in space)")
     try:
         raw = dataset.pixel_array
     except Exception as error:  # noqa: BLE001 - decoders raise many types; any of them means "skip this file"
         raise SliceError(f"pixel data cannot be decoded ({type(error).__name__}: {error})") from None
     if raw.ndim != 2:
         raise SliceError(f"expected one 2-D frame, found pixel array of shape {raw.shape}")
-    missing = tuple(k for k in ("RescaleSlope", "SliceThickness", "SpacingBetweenSlices", "PixelSpacing")
-                    if k not in dataset)
+    slope, intercept = _float(dataset, "RescaleSlope"), _float(dataset, "RescaleIntercept")
+    thickness, between = _float(dataset, "SliceThickness"), _float(dataset, "SpacingBetweenSlices")
+    spacing = _floats(dataset, "PixelSpacing", 2)
+    missing = tuple(k for k, v in (("RescaleSlope", slope), ("SliceThickness", thickness),
+                                   ("SpacingBetweenSlices", between), ("PixelSpacing", spacing)) if v is None)
     pixels = raw.astype(np.float32)
-    slope, intercept = _number(dataset, "RescaleSlope", 1.0), _number(dataset, "RescaleIntercept", 0.0)
-    if slope != 1.0 or intercept != 0.0:
-        pixels = pixels * np.float32(slope) + np.float32(intercept)
-    if dataset.get("PhotometricInterpretation") == "MONOCHROME1":  # bright = low values: invert once here
-        pixels = pixels.max() - pixels
-    instance = dataset.get("InstanceNumber")
-    if instance is None or instance == "":
+    if (slope is not None and slope != 1.0) or intercept:
+        pixels = pixels * np.float32(1.0 if slope is None else slope) + np.float32(intercept or 0.0)
+    if (_tag_values(dataset, "PhotometricInterpretation") or [""])[0] == "MONOCHROME1":
+        pixels = pixels.max() - pixels  # bright = low values: invert once here
+    instance = _float(dataset, "InstanceNumber")
+    if instance is None:
         if not path.stem.isdigit():
             raise SliceError("no InstanceNumber and the file name is not a number")
         instance, missing = int(path.stem), missing + ("InstanceNumber",)
-    spacing = [float(v) for v in dataset.PixelSpacing] if "PixelSpacing" in dataset else [1.0, 1.0]
-    spacing_tag = _number(dataset, "SpacingBetweenSlices", None) or _number(dataset, "SliceThickness", None)
     return SliceFile(
         path=path,
         instance_number=int(instance),
-        position=np.asarray([float(v) for v in dataset.ImagePositionPatient], dtype=np.float64),
-        orientation=np.asarray([float(v) for v in dataset.ImageOrientationPatient], dtype=np.float64),
-        spacing=np.asarray(spacing, dtype=np.float64),
+        position=position,
+        orientation=orientation,
+        spacing=spacing if spacing is not None else np.ones(2),
         pixels=pixels,
         transfer_syntax=dataset.file_meta.TransferSyntaxUID.name,
-        spacing_tag=spacing_tag,
+        spacing_tag=between or thickness,
         missing=missing,
     )
 

@@ -1,0 +1,172 @@
+"""Prepare and data-loading speed, as ratios measured in one run (medians over repeats).
+
+1. prepare wall ÷ pure pydicom decode (dcmread + pixel_array) of the same files: the overhead of
+   grouping, geometry, cropping, resampling and writing on top of the unavoidable decode (≤ 1.5).
+2. one training epoch read from the cache ÷ the same epoch cut from DICOM (read_series + crop_sample per
+   study, which is what skipping the cache would cost every epoch), both through the same Dataset
+   transform with augmentation (≥ 20× faster).
+
+    .venv/bin/python bench/bench_prepare.py                     # synthetic, 60 studies at 160 px
+    .venv/bin/python bench/bench_prepare.py --data data --repeats 3   # any Kaggle-layout folder
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("SPINE_ML_QUIET", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def timed(function) -> float:
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+def bench_config(data: Path, workdir: Path, workers: int, sweep: str):
+    """The sweep config's prepare/model/augment settings, over `data`, caching under `workdir`."""
+    from spine_ml.config import load_config
+
+    base = Path(__file__).resolve().parents[1] / "sweeps" / sweep
+    return load_config(base, [f"data.root={data}", f"prepare.cache_dir={workdir / 'cache'}",
+                              f"prepare.workers={workers}", "data.synthetic=null"])
+
+
+def prepared_files(config) -> list[Path]:
+    """Every DICOM file of every series the cache reads (the series its samples come from)."""
+    from spine_ml.dicom.read import list_slice_files
+    from spine_ml.prepare.plan import plan
+
+    _, _, tasks = plan(config.path(config.data.root))
+    return [path for task in tasks for series in sorted({r.series_id for r in task.requests})
+            for path in list_slice_files(task.folder / str(series))]
+
+
+def pure_decode(files: list[Path]) -> None:
+    import pydicom
+
+    for path in files:
+        pydicom.dcmread(path).pixel_array  # noqa: B018 - the decode is the point
+
+
+def prepare_once(config) -> None:
+    from spine_ml.prepare.cache import ensure_cache
+
+    ensure_cache(config, force=True, progress=False)
+
+
+def dicom_epoch(config, tasks, transform) -> int:
+    """Cut every sample from DICOM (what an epoch costs without the cache), then the same transform."""
+    import torch
+
+    from spine_ml.prepare.build import crop_study
+
+    count = 0
+    for task in tasks:
+        result = crop_study(task, config.prepare)
+        if result.patches is not None:
+            for patch in result.patches:
+                transform(torch.from_numpy(patch.astype("float32")), count)
+                count += 1
+    return count
+
+
+def cache_epoch(dataset) -> int:
+    from torch.utils.data import DataLoader
+
+    count = 0
+    for batch in DataLoader(dataset, batch_size=64, shuffle=True, num_workers=0):
+        count += len(batch["image"])
+    return count
+
+
+def epoch_ratio(config, repeats: int) -> dict:
+    import numpy as np
+
+    from spine_ml.prepare import augment as A
+    from spine_ml.prepare.cache import ensure_cache
+    from spine_ml.prepare.dataset import CropDataset
+    from spine_ml.prepare.plan import plan
+
+    cache = ensure_cache(config, progress=False)
+    dataset = CropDataset(cache, np.flatnonzero(cache.index["sample"] >= 0), config.model.crop_px,
+                          config.model.input_px, config.train.augment, seed=0)
+    _, _, tasks = plan(config.path(config.data.root))
+
+    def transform(patch, item):
+        jitter = A.draw_jitter(np.random.default_rng([0, 0, item]), config.train.augment)
+        image = A.adjust_intensity(A.affine_crop(patch, config.model.crop_px, jitter), jitter)
+        return A.resize(image, config.model.input_px)
+
+    from_cache, from_dicom = [], []
+    for _ in range(repeats):
+        from_cache.append(timed(lambda: cache_epoch(dataset)))
+        from_dicom.append(timed(lambda: dicom_epoch(config, tasks, transform)))
+    cache_s, dicom_s = statistics.median(from_cache), statistics.median(from_dicom)
+    return {"samples": len(dataset), "epoch_from_cache_s": round(cache_s, 3),
+            "epoch_from_dicom_s": round(dicom_s, 3), "cache_speedup": round(dicom_s / cache_s, 1)}
+
+
+def prepare_ratio(data: Path, workdir: Path, repeats: int, sweep: str) -> dict:
+    serial = bench_config(data, workdir / "serial", 1, sweep)
+    parallel = bench_config(data, workdir / "parallel", 0, sweep)
+    files = prepared_files(serial)
+    pure_decode(files)  # warm the page cache so neither side pays for the disk
+    decode, prepare_serial, prepare_parallel = [], [], []
+    for _ in range(repeats):
+        decode.append(timed(lambda: pure_decode(files)))
+        prepare_serial.append(timed(lambda: prepare_once(serial)))
+        prepare_parallel.append(timed(lambda: prepare_once(parallel)))
+    decode_s = statistics.median(decode)
+    serial_s, parallel_s = statistics.median(prepare_serial), statistics.median(prepare_parallel)
+    from spine_ml.prepare.build import worker_count
+
+    return {"files": len(files), "decode_s": round(decode_s, 3), "prepare_1_worker_s": round(serial_s, 3),
+            "prepare_all_cores_s": round(parallel_s, 3), "cores": worker_count(0, 10 ** 6),
+            "prepare_over_decode_1_worker": round(serial_s / decode_s, 3),
+            "prepare_over_decode_all_cores": round(parallel_s / decode_s, 3)}, serial
+
+
+def synthetic_data(workdir: Path, studies: int, image_size: int) -> Path:
+    from spine_ml.synth.generate import generate_dataset
+
+    out = workdir / "data"
+    generate_dataset(out, studies=studies, test_studies=0, seed=0, image_size=image_size, workers=0)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, help="a Kaggle-layout folder (default: generate a synthetic one)")
+    parser.add_argument("--studies", type=int, default=60)
+    parser.add_argument("--image-size", type=int, default=160)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sweep", default="demo.yaml", help="sweeps/ file whose prepare/model settings to use")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as temp:
+        workdir = Path(temp)
+        data = args.data.resolve() if args.data else synthetic_data(workdir, args.studies, args.image_size)
+        results, serial_config = prepare_ratio(data, workdir, args.repeats, args.sweep)
+        results.update(epoch_ratio(serial_config, args.repeats))
+    results["pass"] = bool(results["prepare_over_decode_1_worker"] <= 1.5 and results["cache_speedup"] >= 20)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        for key, value in results.items():
+            print(f"{key:<32} {value}")
+    return 0 if results["pass"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
