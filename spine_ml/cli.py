@@ -65,6 +65,8 @@ def _ensemble(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="submission.csv", help="submission path (default submission.csv)")
     p.add_argument("--budget-hours", type=float, help="inference budget (default: ensemble.budget_hours)")
     p.add_argument("--studies", type=int, help="hidden test studies for the budget")
+    p.add_argument("--no-submission", action="store_true",
+                   help="fit, score and log the ensemble only; no test predictions")
 
 
 def _predict(p: argparse.ArgumentParser) -> None:
