@@ -302,3 +302,110 @@ def test_cli_budget_too_small_is_a_clear_error(project, capsys):
     code = main(["ensemble", str(root / "sweeps" / "ens.yaml"), "--no-submission", "--budget-hours", "0.001"])
     assert code == 2
     assert "raise --budget-hours" in capsys.readouterr().err
+
+
+def test_submission_blends_cached_member_predictions(project, tmp_path, capsys):
+    """Test predictions already stored on the member runs (keyed by test data and localizer) are
+    blended with the fitted weights and temperatures, written, validated and scored on test labels."""
+    from mlflow import MlflowClient
+
+    from spine_ml.ensemble.run import EnsembleOptions, run_ensemble
+    from spine_ml.ensemble.testpred import CACHE_FOLDER, prediction_key
+    from spine_ml.tracking.store import tracking_uri
+
+    root, config, runs = project
+    data = root / "data"
+    test_truth, test_logits = make_truth(6, seed=5)
+    test_truth["study_id"] += 50_000
+    test_truth["row_id"] = [V.make_row_id(s, c, lv) for s, c, lv in zip(test_truth.study_id, test_truth.condition, test_truth.level)]
+    studies = sorted(test_truth.study_id.unique())
+    pd.DataFrame({"study_id": studies, "series_id": [s * 10 for s in studies],
+                  "series_description": V.SAGITTAL_T2}).to_csv(data / "test_series_descriptions.csv", index=False)
+    labels_to_wide(test_truth).to_csv(data / "test_labels.csv", index=False)
+    key = prediction_key(data, studies, "localizer-key")
+    client = MlflowClient(tracking_uri(config))
+    for index, (name, noise) in enumerate((("good", 1.0), ("fair", 1.2), ("weak", 1.4))):
+        frame = normalised_frame(test_truth.row_id, member_predictions(test_logits, noise, seed=index))
+        path = tmp_path / name / f"{key}.csv"
+        path.parent.mkdir()
+        frame.to_csv(path, index=False)
+        client.log_artifact(runs[name], str(path), artifact_path=CACHE_FOLDER)
+    out = tmp_path / "submission.csv"
+    options = EnsembleOptions.from_config(config, out=out, localizer=(None, "localizer-key"), budget_hours=1.0)
+    outcome = run_ensemble(config, options)
+    printed = capsys.readouterr().out
+    assert outcome.submission == out and f"wrote {out}" in printed and "test: ensemble" in printed
+    submission = pd.read_csv(out)
+    assert len(submission) == 25 * len(studies)
+    assert np.allclose(submission[list(V.PROBABILITY_COLUMNS)].sum(1), 1.0, atol=1e-6)
+    # the file is exactly the chosen blend of the cached member predictions
+    from spine_ml.ensemble.objective import CONDITION_INDEX, align_predictions
+
+    chosen = outcome.summary.chosen
+    row_ids = submission.row_id.to_numpy()
+    cached = np.zeros((3, len(row_ids), 3))
+    for index, (name, noise) in enumerate((("good", 1.0), ("fair", 1.2), ("weak", 1.4))):
+        frame = normalised_frame(test_truth.row_id, member_predictions(test_logits, noise, seed=index))
+        cached[[m.run_id for m in outcome.summary.members].index(runs[name])] = align_predictions(frame, row_ids, name)
+    conditions = np.array([CONDITION_INDEX[V.parse_row_id(r)[1]] for r in row_ids])
+    expected = chosen.blend.apply(cached, conditions)
+    assert np.allclose(submission[list(V.PROBABILITY_COLUMNS)].to_numpy(), expected, atol=1e-6)
+    assert outcome.summary.test_parts["ensemble"]["score"] > 0
+    artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
+    assert "submission.csv" in artifacts
+
+
+LOCALIZER_SETTINGS = """\
+localizer:
+  input_px: 64
+  epochs: 2
+  batch_size: 32
+  holdout_fraction: 0.25
+predict:
+  crops_dir: data/test-crops
+"""
+
+
+@pytest.mark.slow
+def test_two_trained_runs_ensembled_through_the_cli(tiny_project, tmp_path, capsys, monkeypatch):
+    """Real end to end: two `spine-ml train` runs and a localizer on the tiny data set, then
+    `spine-ml ensemble` writes a validated submission; a second ensemble reuses the stored test
+    predictions of the members instead of predicting again."""
+    from mlflow import MlflowClient
+
+    from spine_ml.cli import main
+    from spine_ml.config import load_config
+    from spine_ml.ensemble.select import TEST_PREDICTIONS_ARTIFACT
+    from spine_ml.tracking.store import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config_path = tiny_project / "sweeps" / "tiny.yaml"
+    config_path.write_text(config_path.read_text() + LOCALIZER_SETTINGS)
+    assert main(["-q", "train", str(config_path), "--set", "train.max_batches_per_epoch=2"]) == 0
+    assert main(["-q", "train", str(config_path), "--set", "train.max_batches_per_epoch=2",
+                 "--set", "model.crop_px=16", "--set", "train.seed=1"]) == 0
+    assert main(["-q", "train-localizer", str(config_path)]) == 0
+    capsys.readouterr()
+
+    out = tmp_path / "submission.csv"
+    assert main(["-q", "ensemble", str(config_path), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "test: ensemble" in printed  # tiny data ships test_labels.csv
+    config = load_config(config_path)
+    assert main(["validate", str(out), "--data", str(config.path(config.data.root))]) == 0
+
+    client = MlflowClient(tracking_uri(config))
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    members = client.search_runs([experiment.experiment_id], "tags.`spine_ml.run_kind` = 'train'")
+    assert len(members) == 2
+    [ensemble] = client.search_runs([experiment.experiment_id], "tags.`spine_ml.run_kind` = 'ensemble'")
+    kept = ensemble.data.tags["spine_ml.members"].split(",")
+    assert set(kept) <= {m.info.run_id for m in members}
+    assert ensemble.data.metrics["score"] <= ensemble.data.metrics["best_member_score"] + 1e-9
+    for run_id in kept:
+        assert client.list_artifacts(run_id, TEST_PREDICTIONS_ARTIFACT)
+
+    # Again, with other weights (caruana would do, but a budget change is what users make): cached.
+    again = tmp_path / "again.csv"
+    assert main(["ensemble", str(config_path), "--out", str(again), "--budget-hours", "50"]) == 0
+    assert "predicting" not in capsys.readouterr().err

@@ -2,7 +2,6 @@
 inference budget -> test predictions -> submission.csv, all recorded as one MLflow run."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -35,6 +34,7 @@ class EnsembleOptions:
     method: Method = "scipy"
     temperature: bool = True
     cv_folds: int = 5
+    localizer: object = None  # localizer run id or folder; None: the newest localizer run
 
     @classmethod
     def from_config(cls, config: Config, **changes) -> EnsembleOptions:
@@ -121,25 +121,26 @@ def run_ensemble(config: Config, options: EnsembleOptions) -> EnsembleOutcome:
     from spine_ml.competition.submission import normalised_frame
     from spine_ml.ensemble.report import format_summary, log_ensemble_run
 
-    if options.out is not None and importlib.util.find_spec("spine_ml.predict.run") is None:
-        log.warning("test prediction (spine_ml.predict) is not installed in this build: the ensemble is fitted "
-                    "and logged, but no %s is written", options.out)
-        options = replace(options, out=None)
+    test = None
+    if options.out is not None:  # before selection: a missing localizer or test list fails in seconds
+        from spine_ml.ensemble.testpred import prepare_test_set
+
+        test = prepare_test_set(config, options.localizer)
     members = select_members(config, options.top_k, options.per_backbone, list(options.run_ids),
-                             need_checkpoints=options.out is not None)
+                             prediction_key=test.key if test else None)
     truth = read_truth(config)
     summary = fit_ensemble(config, members, truth, options)
     submission = None
-    if options.out is not None:
+    if test is not None:
         from spine_ml.ensemble.testpred import write_submission
 
-        submission = write_submission(config, summary, Path(options.out))
+        submission = write_submission(config, summary, Path(options.out), test)
     oof = normalised_frame(truth.row_id.astype(str).to_numpy(), full_oof_probabilities(summary, truth))
     run_id = log_ensemble_run(config, summary, oof, submission)
     print(format_summary(summary))
     print(f"ensemble run {run_id} (experiment {config.tracking.experiment!r})")
     if submission is not None:
-        print(f"wrote {submission} ({len(summary.chosen.members)} member(s))")
+        print(f"wrote {submission} ({len(summary.chosen.members)} member(s), validated)")
     return EnsembleOutcome(summary=summary, run_id=run_id, submission=submission)
 
 
@@ -150,6 +151,6 @@ def cli(args) -> int:
     options = EnsembleOptions.from_config(
         config, top_k=args.top_k, run_ids=tuple(args.runs or ()), budget_hours=args.budget_hours,
         studies=args.studies)
-    options = replace(options, out=None if args.no_submission else Path(args.out))
+    options = replace(options, out=None if args.no_submission else Path(args.out), localizer=args.localizer)
     run_ensemble(config, options)
     return 0

@@ -31,6 +31,7 @@ STATE_TAG = "spine_ml.trial_state"
 MEMBER_KINDS = ("trial", "train")
 OOF_ARTIFACT = "oof.csv"
 CHECKPOINTS_ARTIFACT = "checkpoints"
+TEST_PREDICTIONS_ARTIFACT = "test_predictions"  # <prediction key>.csv, written by ensemble.testpred
 
 
 class SelectionError(UserError):
@@ -116,18 +117,23 @@ def read_oof(run_id: str, tracking_uri: str) -> pd.DataFrame:
         return pd.read_csv(path, dtype={"row_id": str})
 
 
-def has_checkpoints(mlflow_client: MlflowClient, run_id: str) -> bool:
-    return any(not item.is_dir for item in mlflow_client.list_artifacts(run_id, CHECKPOINTS_ARTIFACT))
+def can_predict(mlflow_client: MlflowClient, run_id: str, prediction_key: str) -> bool:
+    """Fold checkpoints to predict with, or test predictions already stored for this test data."""
+    if any(not item.is_dir for item in mlflow_client.list_artifacts(run_id, CHECKPOINTS_ARTIFACT)):
+        return True
+    stored = mlflow_client.list_artifacts(run_id, TEST_PREDICTIONS_ARTIFACT)
+    return any(Path(item.path).name == f"{prediction_key}.csv" for item in stored)
 
 
-def to_member(mlflow_client: MlflowClient, run, tracking_uri: str, need_checkpoints: bool) -> Member | None:
-    """A Member, or None (with a warning naming the run) when its artifacts are missing."""
+def to_member(mlflow_client: MlflowClient, run, tracking_uri: str, prediction_key: str | None) -> Member | None:
+    """A Member, or None (with a warning naming the run) when its artifacts are missing.
+    With a `prediction_key` (test predictions wanted) the run must be able to predict them."""
     from mlflow.exceptions import MlflowException
 
     run_id = run.info.run_id
-    if need_checkpoints and not has_checkpoints(mlflow_client, run_id):
-        log.warning("run %s (%s): no checkpoints/ artifact, so it cannot predict the test set; skipped",
-                    run_id, run.info.run_name)
+    if prediction_key is not None and not can_predict(mlflow_client, run_id, prediction_key):
+        log.warning("run %s (%s): no checkpoints/ artifact (nor stored test predictions), so it cannot predict "
+                    "the test set; skipped", run_id, run.info.run_name)
         return None
     try:
         oof = read_oof(run_id, tracking_uri)
@@ -147,8 +153,9 @@ def to_member(mlflow_client: MlflowClient, run, tracking_uri: str, need_checkpoi
 
 
 def select_members(config: Config, top_k: int, per_backbone: int | None = None, run_ids: list[str] | None = None,
-                   need_checkpoints: bool = False) -> list[Member]:
-    """The ensemble's candidate members, best first (see the module docstring for the rules)."""
+                   prediction_key: str | None = None) -> list[Member]:
+    """The ensemble's candidate members, best first (see the module docstring for the rules).
+    `prediction_key`: test predictions are wanted for this test data (see ensemble.testpred)."""
     from spine_ml.tracking.store import client, tracking_uri
 
     mlflow_client = client(config)
@@ -172,11 +179,11 @@ def select_members(config: Config, top_k: int, per_backbone: int | None = None, 
         backbone = run.data.params.get("model.backbone") or run.data.tags.get("spine_ml.backbone", "?")
         if not run_ids and per_backbone and per_backbone_count.get(backbone, 0) >= per_backbone:
             continue
-        member = to_member(mlflow_client, run, uri, need_checkpoints)
+        member = to_member(mlflow_client, run, uri, prediction_key)
         if member is not None:
             members.append(member)
             per_backbone_count[backbone] = per_backbone_count.get(backbone, 0) + 1
     if not members:
         raise SelectionError(f"none of the {len(runs)} candidate run(s) has readable artifacts "
-                             f"({OOF_ARTIFACT}{' and checkpoints/' if need_checkpoints else ''}); see the warnings above")
+                             f"({OOF_ARTIFACT}{' and checkpoints/' if prediction_key else ''}); see the warnings above")
     return members

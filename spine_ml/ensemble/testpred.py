@@ -1,15 +1,16 @@
 """Test predictions of the chosen members, cached in MLflow, blended into the submission.
 
 Each member's test predictions are stored as an artifact of the member's own run,
-`test_predictions/<fingerprint>.csv`, keyed by a fingerprint of the test data (the series list and
-every test image's path and size) and the localizer used: re-running the ensemble with other weights,
-or another budget, predicts nothing again.
+`test_predictions/<key>.csv`, keyed by the test data (spine_ml.predict's fingerprint of the series
+list and every test image's path and size) and the localizer: re-running the ensemble with other
+weights or another budget predicts nothing again. The localizer is resolved once and shared.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,7 @@ import pandas as pd
 
 from spine_ml.competition import vocabulary as V
 from spine_ml.ensemble.objective import CONDITION_INDEX, align_predictions
+from spine_ml.ensemble.select import TEST_PREDICTIONS_ARTIFACT
 from spine_ml.errors import UserError
 
 if TYPE_CHECKING:
@@ -26,24 +28,18 @@ if TYPE_CHECKING:
     from spine_ml.ensemble.select import Member
 
 log = logging.getLogger(__name__)
-CACHE_FOLDER = "test_predictions"
+CACHE_FOLDER = TEST_PREDICTIONS_ARTIFACT
 
 
 class SubmissionInvalid(UserError):
     """The blended submission failed validation (a bug upstream; the file is kept for inspection)."""
 
 
-def fingerprint_test_data(data_root: Path, salt: str = "") -> str:
-    """sha256 over test_series_descriptions.csv and (relative path, size) of every test image, + salt."""
-    digest = hashlib.sha256(salt.encode())
-    descriptions = data_root / "test_series_descriptions.csv"
-    digest.update(descriptions.read_bytes() if descriptions.is_file() else b"")
-    images = data_root / "test_images"
-    if images.is_dir():
-        for path in sorted(images.rglob("*")):
-            if path.is_file():
-                digest.update(f"{path.relative_to(images).as_posix()}\0{path.stat().st_size}\n".encode())
-    return digest.hexdigest()[:20]
+def prediction_key(data_root: Path, studies: list[int], localizer_key: str) -> str:
+    from spine_ml.predict.crops import test_data_fingerprint
+
+    blob = f"{test_data_fingerprint(data_root, studies)}|{localizer_key}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def cached_predictions(mlflow_client, run_id: str, name: str, tracking_uri: str) -> pd.DataFrame | None:
@@ -66,48 +62,32 @@ def store_predictions(mlflow_client, run_id: str, name: str, frame: pd.DataFrame
         mlflow_client.log_artifact(run_id, str(path), artifact_path=CACHE_FOLDER)
 
 
-def member_config(config: Config, run_id: str, tracking_uri: str) -> Config:
-    """The member's resolved config.yaml, its paths read against this project."""
-    import mlflow.artifacts
-    import yaml
+def predict_member(config: Config, member: Member, localizer, data_root: Path, studies: list[int]) -> pd.DataFrame:
+    """Run the member's fold models over the test studies, as `spine-ml predict --run` does: the
+    member's own config, with this config's predict, tracking and localizer device settings."""
+    from spine_ml.predict.run import predict_studies, run_checkpoints, run_config
 
-    from spine_ml.config import validate
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml", dst_path=folder,
-                                                   tracking_uri=tracking_uri)
-        raw = yaml.safe_load(Path(path).read_text())
-    return validate(raw, config.project_root, source=f"run {run_id} config.yaml")
-
-
-def predict_member(config: Config, member: Member, data_root: Path, studies: list[int], folder: Path) -> pd.DataFrame:
-    """Run the member's fold models over the test studies (spine_ml.predict)."""
-    import mlflow.artifacts
-
-    from spine_ml.predict.run import predict_studies
-    from spine_ml.tracking.store import tracking_uri
-
-    uri = tracking_uri(config)
-    checkpoints_dir = Path(mlflow.artifacts.download_artifacts(run_id=member.run_id, artifact_path="checkpoints",
-                                                               dst_path=str(folder), tracking_uri=uri))
-    checkpoints = sorted(p for p in checkpoints_dir.iterdir() if p.is_file())
-    return predict_studies(member_config(config, member.run_id, uri), checkpoints, None, data_root, studies)
+    with tempfile.TemporaryDirectory(prefix="ensemble-member-") as folder:
+        member_config = run_config(config, member.run_id, Path(folder)).with_updates({
+            "predict": config.predict.model_dump(mode="json"), "tracking": config.tracking.model_dump(mode="json"),
+            "localizer.device": config.localizer.device})
+        checkpoints = run_checkpoints(config, member.run_id, Path(folder))
+        return predict_studies(member_config, checkpoints, localizer, data_root, studies)
 
 
-def member_test_predictions(config: Config, member: Member, data_root: Path, studies: list[int],
-                            fingerprint: str) -> pd.DataFrame:
-    """The member's test predictions, from its cache artifact when the test data is unchanged."""
+def member_test_predictions(config: Config, member: Member, localizer, data_root: Path, studies: list[int],
+                            key: str) -> pd.DataFrame:
+    """The member's test predictions, from its cache artifact when data and localizer are unchanged."""
     from spine_ml.tracking.store import client, tracking_uri
 
     mlflow_client = client(config)
-    name = f"{fingerprint}.csv"
+    name = f"{key}.csv"
     cached = cached_predictions(mlflow_client, member.run_id, name, tracking_uri(config))
     if cached is not None:
-        log.info("run %s: test predictions from cache %s/%s", member.short_id, CACHE_FOLDER, name)
+        log.info("run %s: test predictions from its artifact %s/%s", member.short_id, CACHE_FOLDER, name)
         return cached
     log.info("run %s: predicting %d test studies", member.short_id, len(studies))
-    with tempfile.TemporaryDirectory() as folder:
-        frame = predict_member(config, member, data_root, studies, Path(folder))
+    frame = predict_member(config, member, localizer, data_root, studies)
     store_predictions(mlflow_client, member.run_id, name, frame)
     return frame
 
@@ -132,25 +112,45 @@ def score_on_test_labels(summary: EnsembleSummary, data_root: Path, frames: dict
         summary.test_parts[f"{member.short_id} {member.backbone}"] = score(truth, frame, f"run {member.run_id}").as_dict()
 
 
-def write_submission(config: Config, summary: EnsembleSummary, out: Path) -> Path:
-    """Predict (or read cached) test rows per chosen member, blend, calibrate, write, validate."""
-    from spine_ml.competition.submission import expected_studies, normalised_frame, validate_submission, write_predictions
+@dataclass(frozen=True)
+class TestSet:
+    """The test studies to predict, the shared localizer and the key of their cached predictions."""
+    data_root: Path
+    studies: list[int]
+    localizer: object  # a loaded Localizer (None when every member's predictions are cached)
+    key: str
+
+
+def prepare_test_set(config: Config, localizer=None) -> TestSet:
+    """Resolve the localizer once for all members (a missing one fails here, before any fitting).
+    `localizer`: a run id, a folder, None (the newest localizer run), or an already resolved
+    (localizer, key) pair."""
+    from spine_ml.competition.submission import expected_studies
+    from spine_ml.localize.store import resolve_localizer
 
     data_root = config.path(config.data.root)
     studies = expected_studies(data_dir=data_root)
-    fingerprint = fingerprint_test_data(data_root)
+    loaded, localizer_key = localizer if isinstance(localizer, tuple) else resolve_localizer(config, localizer)
+    return TestSet(data_root, studies, loaded, prediction_key(data_root, studies, localizer_key))
+
+
+def write_submission(config: Config, summary: EnsembleSummary, out: Path, test: TestSet) -> Path:
+    """Predict (or read cached) test rows per chosen member, blend, calibrate, write, validate."""
+    from spine_ml.competition.submission import normalised_frame, validate_submission, write_predictions
+
     chosen = summary.chosen
-    frames = {int(i): member_test_predictions(config, summary.members[i], data_root, studies, fingerprint)
+    frames = {int(i): member_test_predictions(config, summary.members[i], test.localizer, test.data_root,
+                                              test.studies, test.key)
               for i in chosen.members}
-    row_ids = submission_row_ids(studies)
+    row_ids = submission_row_ids(test.studies)
     arrays = np.zeros((len(summary.members), len(row_ids), 3))
     for index, frame in frames.items():
         arrays[index] = align_predictions(frame, row_ids, f"run {summary.members[index].run_id} test predictions")
     conditions = np.array([CONDITION_INDEX[V.parse_row_id(r)[1]] for r in row_ids])
     blended = normalised_frame(row_ids, chosen.blend.apply(arrays, conditions))
     path = write_predictions(blended, out)
-    problems = validate_submission(path, studies)
+    problems = validate_submission(path, test.studies)
     if problems:
         raise SubmissionInvalid(f"{path} failed validation: " + "; ".join(problems))
-    score_on_test_labels(summary, data_root, frames, blended)
+    score_on_test_labels(summary, test.data_root, frames, blended)
     return path
