@@ -67,6 +67,7 @@ def _ensemble(p: argparse.ArgumentParser) -> None:
     p.add_argument("--studies", type=int, help="hidden test studies for the budget")
     p.add_argument("--no-submission", action="store_true",
                    help="fit, score and log the ensemble only; no test predictions")
+    p.add_argument("--localizer", help="localizer MLflow run id for the test studies (default: the newest)")
 
 
 def _predict(p: argparse.ArgumentParser) -> None:
