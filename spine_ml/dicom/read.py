@@ -37,10 +37,31 @@ class SliceFile:
     position: np.ndarray  # (3,)
     orientation: np.ndarray  # (6,)
     spacing: np.ndarray  # (2,) [Δrow, Δcol]
-    pixels: np.ndarray  # (R, C) float32, rescaled
+    raw: np.ndarray  # (R, C) as stored; converted once, straight into the stack (one copy, not two)
+    slope: float
+    intercept: float
+    inverted: bool  # MONOCHROME1: bright = low values
     transfer_syntax: str
     spacing_tag: float | None  # SpacingBetweenSlices, else SliceThickness
     missing: tuple[str, ...] = ()  # optional tags that were absent
+
+    @property
+    def grid(self) -> tuple:
+        """Shape and spacing: slices of one grid stack without resampling."""
+        return self.raw.shape, round(float(self.spacing[0]), 5), round(float(self.spacing[1]), 5)
+
+    def values_into(self, out: np.ndarray) -> np.ndarray:
+        """Rescaled float32 intensities, written into `out` (a slice of the stack)."""
+        out[...] = self.raw
+        if self.slope != 1.0 or self.intercept != 0.0:
+            out *= np.float32(self.slope)
+            out += np.float32(self.intercept)
+        if self.inverted:
+            np.subtract(out.max(), out, out=out)
+        return out
+
+    def values(self) -> np.ndarray:
+        return self.values_into(np.empty(self.raw.shape, dtype=np.float32))
 
 
 @dataclass
@@ -140,11 +161,6 @@ def read_slice(path: Path) -> SliceFile:
     spacing = _floats(dataset, "PixelSpacing", 2)
     missing = tuple(k for k, v in (("RescaleSlope", slope), ("SliceThickness", thickness),
                                    ("SpacingBetweenSlices", between), ("PixelSpacing", spacing)) if v is None)
-    pixels = raw.astype(np.float32)
-    if (slope is not None and slope != 1.0) or intercept:
-        pixels = pixels * np.float32(1.0 if slope is None else slope) + np.float32(intercept or 0.0)
-    if (_tag_values(dataset, "PhotometricInterpretation") or [""])[0] == "MONOCHROME1":
-        pixels = pixels.max() - pixels  # bright = low values: invert once here
     instance = _float(dataset, "InstanceNumber")
     if instance is None:
         if not path.stem.isdigit():
@@ -156,7 +172,10 @@ def read_slice(path: Path) -> SliceFile:
         position=position,
         orientation=orientation,
         spacing=spacing if spacing is not None else np.ones(2),
-        pixels=pixels,
+        raw=raw,
+        slope=1.0 if slope is None else slope,
+        intercept=intercept or 0.0,
+        inverted=(_tag_values(dataset, "PhotometricInterpretation") or [""])[0] == "MONOCHROME1",
         transfer_syntax=dataset.file_meta.TransferSyntaxUID.name,
         spacing_tag=between or thickness,
         missing=missing,
@@ -226,23 +245,25 @@ def resample_slice(piece: SliceFile, shape: tuple[int, int], spacing: np.ndarray
     from scipy.ndimage import affine_transform
 
     scale = np.asarray(spacing, dtype=np.float64) / piece.spacing
-    return affine_transform(piece.pixels, scale, output_shape=shape, order=1, mode="constant",
-                            cval=float(piece.pixels.min())).astype(np.float32)
+    values = piece.values()
+    return affine_transform(values, scale, output_shape=shape, order=1, mode="constant",
+                            cval=float(values.min())).astype(np.float32)
 
 
 def assemble_stack(run: list[SliceFile], problems: list[str], label: str) -> Stack:
     """Position-ordered slices -> a Stack; odd-sized slices resampled to the majority grid."""
-    grids = Counter((s.pixels.shape, tuple(np.round(s.spacing, 5))) for s in run)
-    (shape, spacing_key), _ = grids.most_common(1)[0]
-    spacing = next(s.spacing for s in run if s.pixels.shape == shape and tuple(np.round(s.spacing, 5)) == spacing_key)
+    grids = [piece.grid for piece in run]
+    majority = Counter(grids).most_common(1)[0][0]
+    shape = majority[0]
+    spacing = run[grids.index(majority)].spacing
     pixels = np.empty((len(run),) + tuple(shape), dtype=np.float32)
     resampled = []
-    for i, piece in enumerate(run):
-        if piece.pixels.shape == shape and np.allclose(piece.spacing, spacing, atol=1e-5):
-            pixels[i] = piece.pixels
+    for i, (piece, grid) in enumerate(zip(run, grids)):
+        if grid == majority:
+            piece.values_into(pixels[i])
         else:
             pixels[i] = resample_slice(piece, shape, spacing)
-            resampled.append(f"{piece.pixels.shape[0]}x{piece.pixels.shape[1]}")
+            resampled.append(f"{piece.raw.shape[0]}x{piece.raw.shape[1]}")
     if resampled:
         problems.append(f"{label}: {len(resampled)} slice(s) of another size/spacing "
                         f"({', '.join(sorted(set(resampled)))}) resampled to {shape[0]}x{shape[1]}")

@@ -1,6 +1,7 @@
 """Cut every planned sample, one study per task, in worker processes; write them in study order.
 
-The worker side (`crop_study`) imports only numpy/scipy/pydicom, so spawned workers start fast.
+Workers import only numpy/scipy/pydicom (never pandas), and start from a forkserver that has them
+loaded already, so a pool of N workers costs about one import, not N.
 Results come back in task order, which keeps the cache byte-identical for any worker count.
 """
 from __future__ import annotations
@@ -13,9 +14,31 @@ from pathlib import Path
 
 import numpy as np
 
-from spine_ml.prepare.plan import INSTANCE_NOT_FOUND, MISSING_SERIES, OK, StudyTask
-
 log = logging.getLogger(__name__)
+
+# status of an index row; only "ok" rows have a sample
+OK = "ok"
+NO_COORDINATES = "no_coordinates"
+UNKNOWN_SERIES = "unknown_series"  # series id absent from the descriptions CSV, or an unknown description
+MISSING_SERIES = "missing_series"  # folder missing, empty, or nothing readable in it
+INSTANCE_NOT_FOUND = "instance_not_found"
+
+
+@dataclass
+class Request:
+    """One sample to cut: index row `row`, from a series, at a labelled instance and point."""
+    row: int
+    series_id: int
+    instance_number: int
+    x: float
+    y: float
+
+
+@dataclass
+class StudyTask:
+    study_id: int
+    folder: Path  # train_images/{study_id}
+    requests: list[Request] = field(default_factory=list)
 
 
 @dataclass
@@ -72,10 +95,12 @@ def crop_study(task: StudyTask, prepare_cfg) -> StudyResult:
     return result
 
 
-def _quiet_worker() -> None:
-    """Spawned workers: warnings to stderr in the CLI's format, no torch threads fighting."""
+def _worker_start() -> None:
+    """Pool workers: warnings to stderr in the CLI's format; one BLAS thread each (see run_tasks)."""
+    from threadpoolctl import threadpool_limits
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    threadpool_limits(limits=1)
 
 
 def worker_count(requested: int, tasks: int) -> int:
@@ -87,17 +112,28 @@ def run_tasks(tasks: list[StudyTask], prepare_cfg, workers: int):
     """Yield StudyResults in task order; in-process for one worker (no start-up cost)."""
     from functools import partial
 
+    from spine_ml.prepare.crops import CropSettings
+
+    prepare_cfg = CropSettings.of(prepare_cfg)
     workers = worker_count(workers, len(tasks))
     if workers == 1:
-        for task in tasks:
-            yield crop_study(task, prepare_cfg)
+        # one BLAS thread: the crop matmuls are small, and a multi-threaded BLAS spinning on cores that
+        # other processes use made them 50x slower (measured on a busy 2-core machine)
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1):
+            for task in tasks:
+                yield crop_study(task, prepare_cfg)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    # spawn, not fork: callers (training) may hold torch/OpenMP threads that a fork would copy half-locked
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_quiet_worker) as pool:
+    # forkserver, not fork: callers (training) may hold torch/OpenMP threads that a fork would copy
+    # half-locked; the server is a fresh process that preloads the worker's imports once
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["spine_ml.prepare.build", "spine_ml.prepare.crops", "spine_ml.dicom.read",
+                                    "pydicom", "scipy.ndimage"])
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start) as pool:
         yield from pool.map(partial(crop_study, prepare_cfg=prepare_cfg), tasks, chunksize=1)
 
 

@@ -46,6 +46,8 @@ class CropDataset(Dataset):
         self.weights = index.sample_weight.to_numpy()[rows].astype(np.float32)
         self.crop_px, self.input_px = int(crop_px), input_px
         self.augment, self.seed, self.epoch = augment, int(seed), 0
+        self._jitters: list[A.Jitter] = []
+        self._jitters_epoch: int | None = None
         self._patches = cache.patches
         self._patches_file = cache.path / "patches.f16"
         self._shape = tuple(cache.patches.shape)
@@ -54,6 +56,12 @@ class CropDataset(Dataset):
         """Augmentation draws depend on (seed, epoch, item): reproducible with any worker count."""
         self.epoch = int(epoch)
 
+    def _jitter(self, item: int) -> A.Jitter:
+        if self._jitters_epoch != self.epoch:  # one vectorised draw per epoch (and per worker)
+            rng = np.random.default_rng([self.seed, self.epoch])
+            self._jitters, self._jitters_epoch = A.draw_jitters(rng, self.augment, len(self.rows)), self.epoch
+        return self._jitters[item]
+
     def __len__(self) -> int:
         return len(self.rows)
 
@@ -61,6 +69,7 @@ class CropDataset(Dataset):
         state = self.__dict__.copy()
         if isinstance(self._patches, np.memmap):
             state["_patches"] = None
+        state["_jitters"], state["_jitters_epoch"] = [], None  # redrawn where used, cheaper than shipped
         return state
 
     def _patch(self, sample: int) -> np.ndarray:
@@ -76,7 +85,7 @@ class CropDataset(Dataset):
         if self.augment is None:
             image = A.centre_crop(patch, self.crop_px)
         else:
-            jitter = A.draw_jitter(np.random.default_rng([self.seed, self.epoch, int(item)]), self.augment)
+            jitter = self._jitter(int(item))
             image = A.adjust_intensity(A.affine_crop(patch, self.crop_px, jitter), jitter)
             if jitter.flip:
                 image, condition = A.mirror_left_right(image, condition)

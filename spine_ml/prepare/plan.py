@@ -3,7 +3,6 @@ the series to read and the samples to cut from them. Reads only the CSVs, never 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,8 @@ import pandas as pd
 from spine_ml.competition import tables
 from spine_ml.competition import vocabulary as V
 from spine_ml.errors import UserError
+from spine_ml.prepare.build import (  # noqa: F401 - the statuses are part of this module's vocabulary
+    INSTANCE_NOT_FOUND, MISSING_SERIES, NO_COORDINATES, OK, UNKNOWN_SERIES, Request, StudyTask)
 
 log = logging.getLogger(__name__)
 
@@ -20,33 +21,9 @@ COORDINATES = "train_label_coordinates.csv"
 SERIES = "train_series_descriptions.csv"
 IMAGES = "train_images"
 
-# status of an index row; only "ok" rows have a sample
-OK = "ok"
-NO_COORDINATES = "no_coordinates"
-UNKNOWN_SERIES = "unknown_series"  # series id absent from the descriptions CSV, or an unknown description
-MISSING_SERIES = "missing_series"  # folder missing, empty, or nothing readable in it
-INSTANCE_NOT_FOUND = "instance_not_found"
-
 
 class MissingDataError(UserError):
     """The data root lacks the competition files."""
-
-
-@dataclass
-class Request:
-    """One sample to cut: index row `row`, from a series, at a labelled instance and point."""
-    row: int
-    series_id: int
-    instance_number: int
-    x: float
-    y: float
-
-
-@dataclass
-class StudyTask:
-    study_id: int
-    folder: Path  # train_images/{study_id}
-    requests: list[Request] = field(default_factory=list)
 
 
 def require_data(root: Path) -> None:
