@@ -77,10 +77,10 @@ class LiveTable(Callback):
 
     HEADER = f"{'time':>6}  {'trial':<14} {'state':<9} {'epoch':>5} {'fold0':>7} {'score':>7}  params"
 
-    def __init__(self, search_keys: list[str], quiet: bool = False, stream=None):
+    def __init__(self, search_keys: list[str], quiet: bool = False):
+        # no stream kept: Ray pickles callbacks into the sweep state, and sys.stdout is looked up per line
         self.search_keys = search_keys
         self.quiet = quiet
-        self.stream = stream or sys.stdout
         self.start = time.time()
         self.printed_header = False
 
@@ -88,14 +88,14 @@ class LiveTable(Callback):
         if self.quiet:
             return
         if not self.printed_header:
-            print(self.HEADER, file=self.stream)
+            print(self.HEADER, file=sys.stdout)
             self.printed_header = True
         params = " ".join(
             f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
             for k, v in trial.config.items() if k in self.search_keys)
         elapsed = f"{time.time() - self.start:5.0f}s"
         print(f"{elapsed:>6}  {trial.trial_id:<14} {state:<9} {epoch:>5} {fold0:>7} {score:>7}  {params}",
-              file=self.stream, flush=True)
+              file=sys.stdout, flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._line(trial, "started")
@@ -116,7 +116,7 @@ class LiveTable(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._line(trial, "FAILED")
         if not self.quiet:
-            print(f"        {trial.trial_id}: {error_summary(_error_text(trial))}", file=self.stream, flush=True)
+            print(f"        {trial.trial_id}: {error_summary(_error_text(trial))}", file=sys.stdout, flush=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self._line(trial, "retrying")

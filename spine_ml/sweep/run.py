@@ -36,6 +36,14 @@ def experiment_dir(config: Config) -> Path:
     return config.path(config.ray.storage_path) / config.sweep.name
 
 
+def quiet_libraries() -> None:
+    """Our live table replaces Ray's boxes and Optuna's per-trial INFO lines."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
 def init_ray(config: Config) -> None:
     import ray
 
@@ -74,7 +82,9 @@ def build_tuner(config: Config, experiment_id: str, parent_run_id: str, resume: 
     storage = optuna.storages.RDBStorage(f"sqlite:///{storage_dir / 'optuna.db'}")
     if config.sweep.name in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
         optuna.delete_study(study_name=config.sweep.name, storage=storage)  # a stale study of an unstarted sweep
-    searcher = OptunaSearch(space=define_by_run(config), sampler=optuna.samplers.TPESampler(seed=config.sweep.seed),
+    # metric/mode given here too: a searcher built with its own space ignores TuneConfig's
+    searcher = OptunaSearch(space=define_by_run(config), metric="objective", mode="min",
+                            sampler=optuna.samplers.TPESampler(seed=config.sweep.seed),
                             study_name=config.sweep.name, storage=storage)
     if config.sweep.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_fold0_epochs(config) + 1,
@@ -121,6 +131,7 @@ def run_sweep(config: Config, resume: bool = False) -> SweepSummary:
         records.close_running(config, experiment_id, None)
     interrupted = True
     try:
+        quiet_libraries()
         init_ray(config)
         tuner = build_tuner(config, experiment_id, parent, resume)
         tuner.fit()
@@ -149,13 +160,20 @@ def summarise(config: Config, experiment_id: str, parent_run_id: str, wall: floa
     return summary
 
 
+def _short(value: str) -> str:
+    try:
+        return f"{float(value):.3g}" if "." in value or "e" in value else value
+    except ValueError:
+        return value
+
+
 def print_summary(summary: SweepSummary, config: Config, config_path: str = "CONFIG", top: int = 5) -> None:
     print(f"\nsweep '{summary.name}': {len(summary.finished)} finished, {summary.pruned} pruned, "
           f"{summary.failed} failed in {summary.wall_seconds:.0f}s")
     if summary.finished:
         print(f"{'rank':>4}  {'run_id':<32}  {'score':>7} {'spinal':>7} {'foramin':>7} {'subart':>7} {'any_sev':>7}  params")
         for rank, row in enumerate(summary.finished[:top], start=1):
-            params = " ".join(f"{k.split('.')[-1]}={v}" for k, v in row["params"].items() if v is not None)
+            params = " ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in row["params"].items() if v is not None)
             print(f"{rank:>4}  {row['run_id']:<32}  {row['score']:7.4f} {row.get('spinal', float('nan')):7.4f} "
                   f"{row.get('foraminal', float('nan')):7.4f} {row.get('subarticular', float('nan')):7.4f} "
                   f"{row.get('any_severe_spinal', float('nan')):7.4f}  {params}")

@@ -7,7 +7,7 @@ to Optuna by its JSON text and decoded when the config is built.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Any
 
 from spine_ml.config import Config, ConfigError, SearchParam
 
@@ -48,14 +48,19 @@ def check_space(config: Config) -> None:
         raise ConfigError(f"search: a value of the space is not a valid config\n{error}") from None
 
 
-def define_by_run(config: Config) -> Callable[[Any], None]:
-    """An Optuna define-by-run function over `config.search`, honouring `when:` conditions."""
-    space = dict(config.search)
+class DefineByRun:
+    """An Optuna define-by-run function over `config.search`, honouring `when:` conditions.
 
-    def suggest(trial) -> None:
+    A class, not a closure: Ray pickles the searcher (and this with it) into the sweep's state.
+    """
+
+    def __init__(self, search: dict[str, SearchParam]):
+        self.space = dict(search)
+
+    def __call__(self, trial) -> None:
         chosen: dict[str, Any] = {}
-        for key, param in space.items():
-            if param.when and any(decode_value(space[k], chosen.get(k)) != v for k, v in param.when.items()):
+        for key, param in self.space.items():
+            if param.when and any(decode_value(self.space[k], chosen.get(k)) != v for k, v in param.when.items()):
                 continue
             if param.type == "choice":
                 chosen[key] = trial.suggest_categorical(key, encode_choices(param.values))
@@ -63,9 +68,10 @@ def define_by_run(config: Config) -> Callable[[Any], None]:
                 chosen[key] = trial.suggest_int(key, int(param.low), int(param.high), step=param.step or 1)
             else:
                 chosen[key] = trial.suggest_float(key, param.low, param.high, log=param.type == "loguniform")
-        return None
 
-    return suggest
+
+def define_by_run(config: Config) -> DefineByRun:
+    return DefineByRun(config.search)
 
 
 def sampled_updates(config: Config, sampled: dict[str, Any]) -> dict[str, Any]:
