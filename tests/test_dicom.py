@@ -145,10 +145,13 @@ def test_mixed_sizes_resampled_with_geometry_kept(tmp_path):
 def test_split_into_stacks_by_orientation_and_gap(tmp_path):
     tilted = (1.0, 0.0, 0.0, 0.0, 0.9659258, -0.2588190)  # a 15° oblique block
     write_stack(tmp_path, (-30.0, -40.0, 0.0), AXIAL, (0.7, 0.7), (30, 30), 4, 4.0, [1, 2, 3, 4])
-    write_stack(tmp_path, (-30.0, -40.0, 40.0), AXIAL, (0.7, 0.7), (30, 30), 3, 4.0, [5, 6, 7])  # 28 mm jump
+    write_stack(tmp_path, (-30.0, -40.0, 40.0), AXIAL, (0.7, 0.7), (30, 30), 3, 4.0, [7, 6, 5])  # 28 mm jump
     write_stack(tmp_path, (-30.0, -40.0, 80.0), tilted, (0.7, 0.7), (30, 30), 3, 4.0, [8, 9, 10])
     series = read_series(tmp_path)
-    assert [list(s.instance_numbers) for s in series.stacks] == [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10]]
+    assert [list(s.instance_numbers) for s in series.stacks] == [[1, 2, 3, 4], [7, 6, 5], [8, 9, 10]]
+    assert [p for p in series.problems if "reversed" in p] == [
+        "stack 1: reversed (instance numbers run the other way along the normal than in the other stacks; "
+        "ordered by position)"]
     assert [s.slice_spacing for s in series.stacks] == pytest.approx([4.0, 4.0, 4.0])
     stack, index = series.find_instance(9)
     assert index == 1 and stack.orientation[5] == pytest.approx(-0.258819)

@@ -447,3 +447,85 @@ def test_prepare_cli_in_process_and_bad_config(tmp_path, mini_data, capsys):
     assert "built_now" in capsys.readouterr().out
     assert main(["prepare", path, "--set", "prepare.slice=1"]) == 2
     assert "prepare.slice" in capsys.readouterr().err
+
+
+# --- on the shared synthetic data set -------------------------------------------------------------------
+
+def test_prepare_on_synthetic_data(tiny_project, tiny_config, capsys):
+    from spine_ml.cli import main
+    from spine_ml.prepare.cache import ensure_cache
+
+    assert main(["prepare", str(tiny_project / "sweeps" / "tiny.yaml")]) == 0
+    printed = dict(line.split(None, 1) for line in capsys.readouterr().out.strip().splitlines())
+    cache = ensure_cache(tiny_config)
+    assert not cache.built_now and printed["cache"] == str(cache.path)
+    root = tiny_config.path(tiny_config.data.root)
+    labels = pd.read_csv(root / "train.csv", keep_default_na=False)
+    coordinates = pd.read_csv(root / "train_label_coordinates.csv")
+    index = cache.index
+    assert len(index) == 25 * len(labels) and sorted(cache.studies) == sorted(labels.study_id)
+    assert cache.patches.shape[1:] == (3, 32, 32) and int(printed["samples"]) == cache.patches.shape[0]
+    # every labelled point became a sample unless its series is missing; the samples are the coordinates
+    ok = index[index["sample"] >= 0]
+    assert set(index.status) <= {"ok", "no_coordinates", "missing_series", "instance_not_found"}
+    assert len(ok) >= 0.8 * len(coordinates) and ok["sample"].is_unique
+    merged = ok.merge(coordinates.assign(condition=coordinates.condition.map(V.TITLE_TO_CONDITION),
+                                         level=coordinates.level.map(V.TITLE_TO_LEVEL)),
+                      on=["study_id", "condition", "level"], suffixes=("", "_csv"))
+    assert len(merged) == len(ok)
+    assert (merged.series_id == merged.series_id_csv).all()
+    assert (merged.instance_number == merged.instance_number_csv).all()
+    moved = (merged.x != merged.x_csv) | (merged.y != merged.y_csv)  # only coordinates clipped into the image
+    assert moved.sum() <= 0.05 * len(merged)
+    # a study whose series is missing is recorded as such; its samples are absent, not invented
+    missing = cache.study_table[cache.study_table.missing_series != ""]
+    assert len(missing) >= 1 and int(printed["studies_missing_series"]) == len(missing)
+    for study, names in zip(missing.study_id, missing.missing_series):
+        for name in names.split(";"):
+            assert not ((index.study_id == study) & (index.series_description == name) & (index["sample"] >= 0)).any()
+    # patches are normalised crops with content, and folds split studies
+    sample = np.asarray(cache.patches[: min(50, len(ok))], dtype=np.float32)
+    assert 0.0 <= sample.min() and sample.max() <= 1.0 and sample.std() > 0.05
+    assert set(cache.folds.fold) == {0, 1} and (index.groupby("study_id").fold.nunique() == 1).all()
+
+
+def test_training_reads_no_dicom_on_synthetic_data(tiny_config, monkeypatch):
+    import pydicom
+
+    from spine_ml.prepare.cache import ensure_cache
+    from spine_ml.prepare.dataset import CropDataset, make_loader
+
+    ensure_cache(tiny_config)
+
+    def no_dicom(*args, **kwargs):
+        raise AssertionError(f"a DICOM file was opened during training: {args[:1]}")
+
+    monkeypatch.setattr(pydicom, "dcmread", no_dicom)
+    cache = ensure_cache(tiny_config)
+    rows = cache.trainable_rows()
+    dataset = CropDataset(cache, rows, tiny_config.model.crop_px, tiny_config.model.input_px,
+                          tiny_config.train.augment, seed=0)
+    seen = 0
+    for batch in make_loader(dataset, 64, shuffle=True):
+        assert batch["image"].shape[1:] == (3, 24, 24)
+        seen += len(batch["image"])
+    assert seen == len(rows) > 100
+
+
+def test_inspect_synthetic_study(tiny_data, capsys):
+    import json
+
+    from spine_ml.cli import main
+
+    series = pd.read_csv(tiny_data / "train_series_descriptions.csv")
+    axial = series[series.series_description == V.AXIAL_T2].iloc[0]
+    assert main(["inspect", str(tiny_data / "train_images" / str(axial.study_id)), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    listed = series[series.study_id == axial.study_id]
+    assert report["study_id"] == axial.study_id
+    assert {s["series_id"]: s["description"] for s in report["series"]} == dict(
+        zip(listed.series_id, listed.series_description))
+    for entry in report["series"]:
+        assert entry["stacks"] and all(s["slices"] >= 1 and len(s["orientation"]) == 6 for s in entry["stacks"])
+        plane = entry["stacks"][0]["plane"]
+        assert plane.startswith("axial" if entry["description"] == V.AXIAL_T2 else "sagittal")

@@ -280,11 +280,25 @@ def assemble_stack(run: list[SliceFile], problems: list[str], label: str) -> Sta
                  files=tuple(s.path for s in run))
 
 
+def instance_direction(instances: np.ndarray) -> int:
+    """+1 when instance numbers grow along the slice normal, -1 when they shrink, 0 otherwise."""
+    steps = np.diff(instances)
+    return 1 if len(steps) and np.all(steps > 0) else -1 if len(steps) and np.all(steps < 0) else 0
+
+
+def _note_reversed(stacks: list[Stack], problems: list[str]) -> None:
+    """Either direction is normal for a scanner; a stack numbered against its series' others is not."""
+    directions = [instance_direction(stack.instance_numbers) for stack in stacks]
+    if 1 in directions and -1 in directions:
+        usual = 1 if directions.count(1) >= directions.count(-1) else -1
+        for number, direction in enumerate(directions):
+            if direction == -usual:
+                problems.append(f"stack {number}: reversed (instance numbers run the other way along the normal "
+                                "than in the other stacks; ordered by position)")
+
+
 def _note_order(instances: np.ndarray, label: str, problems: list[str]) -> None:
-    if len(instances) > 1 and np.all(np.diff(instances) < 0):
-        problems.append(f"{label}: instance numbers run against the slice normal (reversed stack; "
-                        "ordered by position)")
-    elif len(instances) > 2 and not (np.all(np.diff(instances) > 0) or np.all(np.diff(instances) < 0)):
+    if len(instances) > 2 and instance_direction(instances) == 0:
         problems.append(f"{label}: instance numbers are not monotonic along the normal (ordered by position)")
     ordered = np.sort(instances)
     if len(ordered) > 1 and np.any(np.diff(ordered) > 1):
@@ -330,6 +344,7 @@ def read_series(folder: Path | str) -> SeriesRead:
     runs.sort(key=lambda run: min(s.instance_number for s in run))  # acquisition order
     for number, run in enumerate(runs):
         result.stacks.append(assemble_stack(run, result.problems, f"stack {number}"))
+    _note_reversed(result.stacks, result.problems)
     if len(runs) > 1:
         result.problems.append(f"{len(runs)} stacks in one series "
                                f"({len({tuple(np.round(r[0].orientation, 2)) for r in runs})} orientation(s))")
