@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,9 @@ def quiet_libraries() -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # a resumed trial that had already finished re-reports its final result: Optuna says so, harmlessly
+    warnings.filterwarnings("ignore", message="The reported value is ignored", category=UserWarning)
+    logging.getLogger("ray.tune.search.optuna.optuna_search").setLevel(logging.ERROR)
 
 
 def init_ray(config: Config) -> None:
