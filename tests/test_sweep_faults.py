@@ -139,3 +139,21 @@ def test_two_node_cluster_and_mlflow_server(tmp_path, tiny_data):
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=30)
         stop_processes_using(temp_dir)  # by PID: other Ray instances on this machine are left alone
+
+
+def test_asha_prunes_and_pruned_trials_are_tagged_with_what_they_reached(tmp_path, tiny_data):
+    path = make_project(tmp_path, tiny_data)
+    overrides = ["sweep.num_samples=6", "sweep.max_concurrent=1", "sweep.scheduler=asha", "train.epochs=4",
+                 "sweep.grace_period=1", "sweep.reduction_factor=2"]
+    result = subprocess.run(SPINE + ["sweep", str(path)] + [a for o in overrides for a in ("--set", o)],
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = trial_runs(load_config(path, overrides))
+    states = [r.data.tags["spine_ml.trial_state"] for r in runs]
+    assert len(runs) == 6 and "pruned" in states and "finished" in states
+    for run in runs:
+        if run.data.tags["spine_ml.trial_state"] == "pruned":
+            assert run.data.tags["spine_ml.reached"].startswith("fold 0, epoch ")
+            assert "fold0_val_score" in run.data.metrics and "score" not in run.data.metrics
+            assert run.info.status == "FINISHED"
+    assert "pruned" in result.stdout  # the live table shows it
