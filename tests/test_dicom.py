@@ -286,3 +286,13 @@ def test_inspect_study_of_syntaxes_with_broken_file(tmp_path, capsys, caplog):
 def test_inspect_bad_path_is_a_clean_error(tmp_path, capsys):
     code, out, err = run_inspect(capsys, tmp_path / "nope")
     assert code == 2 and "no such folder" in err and "Traceback" not in err
+
+
+def test_stacks_of_a_series_share_one_intensity_window(tmp_path):
+    write_stack(tmp_path, (-30.0, -40.0, 0.0), AXIAL, (0.7, 0.7), (30, 30), 4, 4.0, [1, 2, 3, 4])
+    write_stack(tmp_path, (-30.0, -40.0, 80.0), AXIAL, (0.7, 0.7), (30, 30), 3, 4.0, [5, 6, 7])  # brighter (+z)
+    first, second = read_series(tmp_path).stacks
+    window = first.intensity_window((1.0, 99.0))
+    assert second.intensity_window((1.0, 99.0)) == window
+    both = np.concatenate([first.pixels.ravel(), second.pixels.ravel()])
+    assert window == pytest.approx(tuple(np.percentile(both, (1.0, 99.0))), abs=2.0)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spine_ml.dicom.geometry import Stack, unit_normal
+from spine_ml.dicom.geometry import Stack, subsample, unit_normal
 
 log = logging.getLogger(__name__)
 
@@ -344,6 +344,10 @@ def read_series(folder: Path | str) -> SeriesRead:
     runs.sort(key=lambda run: min(s.instance_number for s in run))  # acquisition order
     for number, run in enumerate(runs):
         result.stacks.append(assemble_stack(run, result.problems, f"stack {number}"))
+    if len(result.stacks) > 1:  # one intensity window per series, not per stack
+        shared = np.concatenate([subsample(stack.pixels, 65536 // len(result.stacks)) for stack in result.stacks])
+        for stack in result.stacks:
+            stack.intensity_sample = shared
     _note_reversed(result.stacks, result.problems)
     if len(runs) > 1:
         result.problems.append(f"{len(runs)} stacks in one series "

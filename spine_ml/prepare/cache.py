@@ -31,7 +31,7 @@ from spine_ml.prepare.folds import folds_file_name, make_folds, read_folds
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the crop function or layout changes: old caches then never match
+CACHE_FORMAT = 2  # bump when the crop function or layout changes: old caches then never match
 INDEX_COLUMNS = ["sample", "study_id", "series_id", "series_description", "condition", "level", "row_id", "label",
                  "sample_weight", "instance_number", "x", "y", "status"]
 

@@ -103,7 +103,8 @@ def _sample_patches(volume: np.ndarray, points: np.ndarray, step: np.ndarray, si
 
 def crop_sample(stack: Stack, slice_index: int, x: float, y: float, prepare_cfg) -> np.ndarray:
     """`prepare.slices` neighbouring slices × a `patch_mm` square around pixel (x, y) of a slice,
-    resampled to `pixel_mm`, intensities scaled to [0, 1] by the stack's robust percentiles.
+    resampled to `pixel_mm`, intensities scaled to [0, 1] by the series' robust percentiles
+    (`prepare.percentiles`, shared by all stacks of a series read with read_series).
 
     Returns float16 (slices, P, P) with P = prepare_cfg.patch_px. Neighbour slices get the same
     patient-space point projected into their own plane, so an in-plane shift between slices of
