@@ -125,3 +125,132 @@ def test_thread_count_chosen_by_the_caller_is_kept():
         assert cap_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+# --- run_trial and `spine-ml train` on the real pipeline: synthetic DICOM -> crop cache -> timm ---
+
+@pytest.fixture()
+def tiny_cache(tiny_config):
+    from spine_ml.prepare.cache import ensure_cache
+
+    return ensure_cache(tiny_config, progress=False)
+
+
+def test_run_trial_gives_scored_oof_for_every_row_and_reloadable_checkpoints(tiny_config, tiny_cache, tmp_path):
+    from spine_ml.competition.commands import read_submission
+    from spine_ml.models.classifier import load_fold_models
+    from spine_ml.training.trial import TRUTH_COLUMNS, run_trial
+
+    config = tiny_config.with_updates({"train.epochs": 2, "train.max_batches_per_epoch": 2})
+    reports = []
+    result = run_trial(config, tmp_path / "trial", on_epoch=reports.append, cache=tiny_cache)
+    index = tiny_cache.index
+
+    assert [(r.fold, r.epoch) for r in reports] == [(0, 1), (0, 2), (1, 1), (1, 2)]  # fold 0 first, all epochs
+    assert all(math.isfinite(r.val_score) and r.val_score == r.val_parts["score"] for r in reports)
+    assert len(result.history) == 4 and result.best_epochs and all(e in (1, 2) for e in result.best_epochs)
+    assert set(result.metrics) == set(V.METRIC_PARTS)
+
+    studies = index.study_id.unique()
+    assert sorted(result.oof.row_id) == sorted(r for s in studies for r in V.study_row_ids(s))
+    values = result.oof[list(V.PROBABILITY_COLUMNS)].to_numpy()
+    assert np.isfinite(values).all() and np.allclose(values.sum(1), 1)
+    on_disk = read_submission(str(result.oof_path))
+    truth = index.loc[index.label >= 0, TRUTH_COLUMNS]
+    rescored = metric.score(truth, on_disk).as_dict()
+    for name in V.METRIC_PARTS:
+        assert rescored[name] == pytest.approx(result.metrics[name], abs=1e-6)
+
+    # a row without a sample carries its fold's training prior, not a model output
+    no_sample = index[index["sample"] < 0]
+    if len(no_sample):
+        row = no_sample.iloc[0]
+        table = prior_table(index[index.fold != row.fold], pseudo_count=0.5)
+        expected = table.loc[(row.condition, row.level)].to_numpy()
+        got = result.oof.set_index("row_id").loc[row.row_id, list(V.PROBABILITY_COLUMNS)].to_numpy(float)
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+    assert [p.name for p in result.checkpoints] == ["fold0.pt", "fold1.pt"]
+    models = load_fold_models(result.checkpoints, config)
+    assert len(models) == 2 and result.inference_seconds_per_study > 0 and result.device == "cpu"
+
+
+def test_same_seed_same_oof_on_cpu(tiny_config, tiny_cache, tmp_path):
+    from spine_ml.training.trial import run_trial
+
+    config = tiny_config.with_updates({"train.max_batches_per_epoch": 1})
+    first = run_trial(config, tmp_path / "a", cache=tiny_cache)
+    second = run_trial(config, tmp_path / "b", cache=tiny_cache)
+    pd.testing.assert_frame_equal(first.oof, second.oof)
+    other = run_trial(config.with_updates({"train.seed": 7}), tmp_path / "c", cache=tiny_cache)
+    assert not np.allclose(first.oof[list(V.PROBABILITY_COLUMNS)], other.oof[list(V.PROBABILITY_COLUMNS)])
+
+
+def test_every_option_trains(tiny_config, tiny_cache, tmp_path):
+    from spine_ml.training.trial import run_trial
+
+    config = tiny_config.with_updates({
+        "model.slice_pooling": "attention", "model.crop_px": 16, "model.input_px": 32, "model.drop_rate": 0.2,
+        "loss.any_severe_weight": 0.5, "loss.label_smoothing": 0.05, "loss.class_weights": [1.0, 1.5, 3.0],
+        "loss.group_weights": {"spinal": 2.0}, "train.schedule": "onecycle", "train.ema": 0.9,
+        "train.grad_clip": None, "train.max_batches_per_epoch": 3})
+    result = run_trial(config, tmp_path / "t", cache=tiny_cache)
+    assert math.isfinite(result.metrics["score"])
+
+
+def test_callback_abort_propagates_and_leaves_no_oof(tiny_config, tiny_cache, tmp_path):
+    from spine_ml.training.trial import run_trial
+
+    class Pruned(Exception):
+        pass
+
+    def prune(report):
+        raise Pruned(f"fold {report.fold} epoch {report.epoch}")
+
+    with pytest.raises(Pruned, match="fold 0 epoch 1"):
+        run_trial(tiny_config.with_updates({"train.max_batches_per_epoch": 1}), tmp_path / "t", on_epoch=prune,
+                  cache=tiny_cache)
+    assert not (tmp_path / "t" / "oof.csv").exists() and not list(tmp_path.glob("t/checkpoints/*.pt"))
+
+
+def test_nan_loss_fails_the_trial_naming_fold_and_epoch(tiny_config, tiny_cache, tmp_path):
+    from spine_ml.training.result import TrialFailed
+    from spine_ml.training.trial import run_trial
+
+    config = tiny_config.with_updates({"train.lr": 1e30, "train.grad_clip": None, "train.schedule": "constant"})
+    with pytest.raises(TrialFailed, match="fold 0 epoch 1") as error:
+        run_trial(config, tmp_path / "t", cache=tiny_cache)
+    assert "train.lr" in str(error.value)
+
+
+def test_crop_larger_than_the_cached_patch_names_both(tiny_config, tiny_cache, tmp_path):
+    from spine_ml.errors import UserError
+    from spine_ml.training.trial import run_trial
+
+    with pytest.raises(UserError, match=r"crop_px=40.*32 px"):
+        run_trial(tiny_config.with_updates({"model.crop_px": 40}), tmp_path / "t", cache=tiny_cache)
+
+
+def test_spine_ml_train_end_to_end_logs_one_mlflow_run(tiny_project, capsys, monkeypatch):
+    from mlflow import MlflowClient
+
+    from spine_ml.cli import main
+    from spine_ml.config import load_config
+    from spine_ml.tracking.store import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config_path = tiny_project / "sweeps" / "tiny.yaml"
+    assert main(["train", str(config_path), "--set", "train.max_batches_per_epoch=1"]) == 0
+    out = capsys.readouterr().out
+    assert "OOF score" in out and "spine-ml ui" in out
+    run_id = out.split("MLflow run ")[1].split()[0]
+    assert "oracle" in out and "of the prior->oracle gap" in out  # synthetic data ships oracle_train.csv
+
+    config = load_config(config_path)
+    run = MlflowClient(tracking_uri(config)).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["spine_ml.run_kind"] == "train"
+    assert set(V.METRIC_PARTS) <= set(run.data.metrics) and run.data.params["model.backbone"] == "resnet10t"
+    assert (tiny_project / "mlruns" / "mlflow.db").is_file()
+
+    assert main(["train", str(config_path), "--set", "model.backbone=resnet10x"]) == 2
+    assert "close timm names" in capsys.readouterr().err

@@ -35,9 +35,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, train_cfg: TrainConfig, tot
     total_steps = max(1, total_steps)
     if train_cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=train_cfg.lr * 0.01)
-    if train_cfg.schedule == "onecycle":
+    if train_cfg.schedule == "onecycle" and total_steps >= 3:  # fewer steps leave no room for a warm-up phase
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train_cfg.lr, total_steps=total_steps,
-                                                   pct_start=0.25 if total_steps > 3 else 0.5)
+                                                   pct_start=0.25 if total_steps >= 8 else 0.5)
     return None
 
 
