@@ -23,7 +23,7 @@ from spine_ml.ensemble.weights import Blend, Method, fit_blend
 from spine_ml.errors import UserError
 
 log = logging.getLogger(__name__)
-EXHAUSTIVE_MEMBERS = 5
+EXHAUSTIVE_MEMBERS = 4
 
 
 class BudgetError(UserError):

@@ -40,6 +40,7 @@ class MetricProblem:
     spinal_starts: np.ndarray = field(init=False, repr=False)  # first position of each study's block
     study_target: np.ndarray = field(init=False, repr=False)  # any severe spinal, per study
     study_weight: np.ndarray = field(init=False, repr=False)
+    true_index: np.ndarray = field(init=False, repr=False)  # flat index of each row's true class
 
     @classmethod
     def from_truth(cls, truth: pd.DataFrame) -> MetricProblem:
@@ -52,6 +53,7 @@ class MetricProblem:
                    conditions=scored.condition.map(CONDITION_INDEX).to_numpy(np.int64))
 
     def __post_init__(self) -> None:
+        self.true_index = np.arange(len(self.labels)) * 3 + self.labels
         self.groups = np.array([GROUP_INDEX[V.condition_group(c)] for c in V.CONDITIONS])[self.conditions]
         self.group_weight = np.bincount(self.groups, weights=self.weights, minlength=len(V.GROUPS))
         # any_severe_spinal: spinal rows sorted by study, so a study's rows are one contiguous block.
@@ -74,7 +76,7 @@ class MetricProblem:
 
     def parts(self, probabilities: np.ndarray) -> dict[str, float]:
         """score, spinal, foraminal, subarticular, any_severe_spinal of (rows, 3) probabilities."""
-        p_true = np.clip(probabilities[np.arange(len(self)), self.labels], EPS, 1 - EPS)
+        p_true = np.clip(probabilities.reshape(-1)[self.true_index], EPS, 1 - EPS)
         weighted = self.weights * -np.log(p_true)
         sums = np.bincount(self.groups, weights=weighted, minlength=len(V.GROUPS))
         with np.errstate(invalid="ignore", divide="ignore"):

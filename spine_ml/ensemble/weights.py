@@ -20,6 +20,7 @@ from spine_ml.ensemble.objective import MetricProblem
 Method = Literal["scipy", "caruana"]
 MIN_WEIGHT = 0.01
 CARUANA_ROUNDS = 40
+CARUANA_PATIENCE = 6
 TEMPERATURE_BOUNDS = (0.25, 4.0)
 
 
@@ -39,15 +40,17 @@ class Blend:
 
 
 def mix(predictions: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    return np.tensordot(weights, predictions, axes=1)
+    """(members, rows, 3) x (members,) -> (rows, 3)."""
+    members, rows, classes = predictions.shape
+    return (weights @ predictions.reshape(members, rows * classes)).reshape(rows, classes)
 
 
 def calibrate(probabilities: np.ndarray, conditions: np.ndarray, temperatures: np.ndarray) -> np.ndarray:
     """softmax(log p / T[condition]) row by row; T > 1 softens, T < 1 sharpens."""
-    logits = np.log(np.clip(probabilities, EPS, None)) / temperatures[conditions][:, None]
-    logits -= logits.max(1, keepdims=True)
-    exp = np.exp(logits)
-    return exp / exp.sum(1, keepdims=True)
+    # No max-subtraction needed: log p >= log(eps) and T >= 0.25 keep exp() far from underflow,
+    # and every row has a probability >= 1/3. (A row-wise max over 3 columns costs more than all else.)
+    exp = np.exp(np.log(np.clip(probabilities, EPS, None)) / temperatures[conditions][:, None])
+    return exp / (exp[:, 0] + exp[:, 1] + exp[:, 2])[:, None]
 
 
 def caruana_weights(score, predictions: np.ndarray, rounds: int = CARUANA_ROUNDS) -> np.ndarray:
@@ -59,6 +62,7 @@ def caruana_weights(score, predictions: np.ndarray, rounds: int = CARUANA_ROUNDS
     counts[int(np.argmin(scores))] = 1
     total = predictions[int(np.argmin(scores))].copy()
     best_counts, best_score = counts.copy(), min(scores)
+    stale = 0
     for _ in range(rounds):
         n = counts.sum()
         trials = [score((total + predictions[m]) / (n + 1)) for m in range(members)]
@@ -66,7 +70,11 @@ def caruana_weights(score, predictions: np.ndarray, rounds: int = CARUANA_ROUNDS
         counts[pick] += 1
         total += predictions[pick]
         if trials[pick] < best_score - 1e-12:
-            best_counts, best_score = counts.copy(), trials[pick]
+            best_counts, best_score, stale = counts.copy(), trials[pick], 0
+        else:
+            stale += 1
+            if stale >= CARUANA_PATIENCE:  # later rounds only re-weight by small steps; SLSQP does that
+                break
     return best_counts / best_counts.sum()
 
 
@@ -99,14 +107,15 @@ def prune(weights: np.ndarray, minimum: float = MIN_WEIGHT) -> np.ndarray:
 
 
 def fit_weights(problem: MetricProblem, predictions: np.ndarray, method: Method = "scipy",
-                temperatures: np.ndarray | None = None) -> np.ndarray:
-    """Weights minimising the metric of the mix (calibrated by `temperatures` when given)."""
+                temperatures: np.ndarray | None = None, start: np.ndarray | None = None) -> np.ndarray:
+    """Weights minimising the metric of the mix (calibrated by `temperatures` when given).
+    Caruana's greedy search, then SLSQP from its result; with `start`, SLSQP from there instead."""
     if temperatures is None:
         score = problem.score
     else:
         def score(probabilities: np.ndarray) -> float:
             return problem.score(calibrate(probabilities, problem.conditions, temperatures))
-    greedy = caruana_weights(score, predictions)
+    greedy = start if start is not None and method == "scipy" else caruana_weights(score, predictions)
     candidates = [prune(greedy)]
     if method == "scipy":
         candidates.append(prune(simplex_weights(score, predictions, greedy)))
@@ -136,12 +145,13 @@ def fit_blend(problem: MetricProblem, predictions: np.ndarray, method: Method = 
     """Weights, then temperatures on their mix, then (with temperatures) the weights again under
     those temperatures and the temperatures once more: averaging also softens, so weights fitted
     without calibration favour blending for its softening alone."""
+    predictions = np.ascontiguousarray(predictions)  # fitted hundreds of times: one copy, not one per mix
     weights = fit_weights(problem, predictions, method)
     if not temperature:
         return Blend(weights=weights, temperatures=np.ones(len(V.CONDITIONS)))
     temperatures = fit_temperatures(problem, mix(predictions, weights))
     if len(predictions) > 1:
-        weights = fit_weights(problem, predictions, method, temperatures)
+        weights = fit_weights(problem, predictions, method, temperatures, start=weights)
         temperatures = fit_temperatures(problem, mix(predictions, weights))
     return Blend(weights=weights, temperatures=temperatures)
 
