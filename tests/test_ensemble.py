@@ -304,7 +304,7 @@ def test_cli_budget_too_small_is_a_clear_error(project, capsys):
     assert "raise --budget-hours" in capsys.readouterr().err
 
 
-def test_submission_blends_cached_member_predictions(project, tmp_path, capsys):
+def test_submission_blends_cached_member_predictions(project, tmp_path, capsys, caplog):
     """Test predictions already stored on the member runs (keyed by test data and localizer) are
     blended with the fitted weights and temperatures, written, validated and scored on test labels."""
     from mlflow import MlflowClient
@@ -326,15 +326,21 @@ def test_submission_blends_cached_member_predictions(project, tmp_path, capsys):
     client = MlflowClient(tracking_uri(config))
     for index, (name, noise) in enumerate((("good", 1.0), ("fair", 1.2), ("weak", 1.4))):
         frame = normalised_frame(test_truth.row_id, member_predictions(test_logits, noise, seed=index))
+        if name == "weak":  # stored, but broken: half its rows are gone
+            frame = frame.iloc[::2]
         path = tmp_path / name / f"{key}.csv"
         path.parent.mkdir()
         frame.to_csv(path, index=False)
         client.log_artifact(runs[name], str(path), artifact_path=CACHE_FOLDER)
     out = tmp_path / "submission.csv"
     options = EnsembleOptions.from_config(config, out=out, localizer=(None, "localizer-key"), budget_hours=1.0)
-    outcome = run_ensemble(config, options)
+    with caplog.at_level(logging.WARNING):
+        outcome = run_ensemble(config, options)
     printed = capsys.readouterr().out
     assert outcome.submission == out and f"wrote {out}" in printed and "test: ensemble" in printed
+    # the broken member was dropped and the weights refit over the other two
+    assert f"run {runs['weak']}" in caplog.text and "refit without it" in caplog.text
+    assert [m.run_id for m in outcome.summary.members] == [runs["good"], runs["fair"]]
     submission = pd.read_csv(out)
     assert len(submission) == 25 * len(studies)
     assert np.allclose(submission[list(V.PROBABILITY_COLUMNS)].sum(1), 1.0, atol=1e-6)
@@ -343,8 +349,8 @@ def test_submission_blends_cached_member_predictions(project, tmp_path, capsys):
 
     chosen = outcome.summary.chosen
     row_ids = submission.row_id.to_numpy()
-    cached = np.zeros((3, len(row_ids), 3))
-    for index, (name, noise) in enumerate((("good", 1.0), ("fair", 1.2), ("weak", 1.4))):
+    cached = np.zeros((2, len(row_ids), 3))
+    for index, (name, noise) in enumerate((("good", 1.0), ("fair", 1.2))):
         frame = normalised_frame(test_truth.row_id, member_predictions(test_logits, noise, seed=index))
         cached[[m.run_id for m in outcome.summary.members].index(runs[name])] = align_predictions(frame, row_ids, name)
     conditions = np.array([CONDITION_INDEX[V.parse_row_id(r)[1]] for r in row_ids])

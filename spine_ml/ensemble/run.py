@@ -117,6 +117,24 @@ def full_oof_probabilities(summary: EnsembleSummary, truth: pd.DataFrame) -> np.
     return probabilities
 
 
+def fit_with_test_predictions(config: Config, members: list[Member], truth: pd.DataFrame,
+                              options: EnsembleOptions, test) -> tuple[EnsembleSummary, dict[int, np.ndarray]]:
+    """Fit, then fetch the chosen members' test predictions; refit without any member that cannot
+    give them, until every chosen member can."""
+    from spine_ml.ensemble.testpred import chosen_test_predictions, submission_row_ids
+
+    while True:
+        summary = fit_ensemble(config, members, truth, options)
+        if test is None:
+            return summary, {}
+        arrays, failed = chosen_test_predictions(config, summary, test, submission_row_ids(test.studies))
+        if not failed:
+            return summary, arrays
+        members = [m for m in summary.members if m.run_id not in failed]
+        if not members:
+            raise SelectionError("no member could predict the test set; see the warnings above")
+
+
 def run_ensemble(config: Config, options: EnsembleOptions) -> EnsembleOutcome:
     from spine_ml.competition.submission import normalised_frame
     from spine_ml.ensemble.report import format_summary, log_ensemble_run
@@ -129,12 +147,12 @@ def run_ensemble(config: Config, options: EnsembleOptions) -> EnsembleOutcome:
     members = select_members(config, options.top_k, options.per_backbone, list(options.run_ids),
                              prediction_key=test.key if test else None)
     truth = read_truth(config)
-    summary = fit_ensemble(config, members, truth, options)
+    summary, test_arrays = fit_with_test_predictions(config, members, truth, options, test)
     submission = None
     if test is not None:
         from spine_ml.ensemble.testpred import write_submission
 
-        submission = write_submission(config, summary, Path(options.out), test)
+        submission = write_submission(config, summary, Path(options.out), test, test_arrays)
     oof = normalised_frame(truth.row_id.astype(str).to_numpy(), full_oof_probabilities(summary, truth))
     run_id = log_ensemble_run(config, summary, oof, submission)
     print(format_summary(summary))

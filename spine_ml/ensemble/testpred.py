@@ -134,23 +134,40 @@ def prepare_test_set(config: Config, localizer=None) -> TestSet:
     return TestSet(data_root, studies, loaded, prediction_key(data_root, studies, localizer_key))
 
 
-def write_submission(config: Config, summary: EnsembleSummary, out: Path, test: TestSet) -> Path:
-    """Predict (or read cached) test rows per chosen member, blend, calibrate, write, validate."""
+def chosen_test_predictions(config: Config, summary: EnsembleSummary, test: TestSet,
+                            row_ids: np.ndarray) -> tuple[dict[int, np.ndarray], list[str]]:
+    """(member index -> aligned test probabilities, run ids that could not give them): a member whose
+    checkpoints or stored predictions turn out broken is reported, for the caller to refit without it."""
+    from mlflow.exceptions import MlflowException
+
+    arrays, failed = {}, []
+    for index in summary.chosen.members:
+        member = summary.members[index]
+        try:
+            frame = member_test_predictions(config, member, test.localizer, test.data_root, test.studies, test.key)
+            arrays[int(index)] = align_predictions(frame, row_ids, f"run {member.run_id} test predictions")
+        except (UserError, OSError, MlflowException, pd.errors.ParserError) as error:
+            log.warning("run %s (%s): no test predictions (%s); skipped, the weights are refit without it",
+                        member.run_id, member.name, str(error).splitlines()[0][:300])
+            failed.append(member.run_id)
+    return arrays, failed
+
+
+def write_submission(config: Config, summary: EnsembleSummary, out: Path, test: TestSet,
+                     arrays: dict[int, np.ndarray]) -> Path:
+    """Blend and calibrate the chosen members' test predictions, write, validate, score if labelled."""
     from spine_ml.competition.submission import normalised_frame, validate_submission, write_predictions
 
-    chosen = summary.chosen
-    frames = {int(i): member_test_predictions(config, summary.members[i], test.localizer, test.data_root,
-                                              test.studies, test.key)
-              for i in chosen.members}
     row_ids = submission_row_ids(test.studies)
-    arrays = np.zeros((len(summary.members), len(row_ids), 3))
-    for index, frame in frames.items():
-        arrays[index] = align_predictions(frame, row_ids, f"run {summary.members[index].run_id} test predictions")
+    stacked = np.zeros((len(summary.members), len(row_ids), 3))
+    for index, values in arrays.items():
+        stacked[index] = values
     conditions = np.array([CONDITION_INDEX[V.parse_row_id(r)[1]] for r in row_ids])
-    blended = normalised_frame(row_ids, chosen.blend.apply(arrays, conditions))
+    blended = normalised_frame(row_ids, summary.chosen.blend.apply(stacked, conditions))
     path = write_predictions(blended, out)
     problems = validate_submission(path, test.studies)
     if problems:
         raise SubmissionInvalid(f"{path} failed validation: " + "; ".join(problems))
-    score_on_test_labels(summary, test.data_root, frames, blended)
+    score_on_test_labels(summary, test.data_root, {i: normalised_frame(row_ids, a) for i, a in arrays.items()},
+                         blended)
     return path
