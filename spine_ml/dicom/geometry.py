@@ -15,15 +15,16 @@ import numpy as np
 
 def unit_normal(orientation: np.ndarray) -> np.ndarray:
     """N = X × Y of an ImageOrientationPatient, normalised (scanners round the cosines)."""
-    orientation = np.asarray(orientation, dtype=np.float64)
-    normal = np.cross(orientation[:3], orientation[3:])
-    length = np.linalg.norm(normal)
+    ax, ay, az, bx, by, bz = (float(v) for v in orientation)
+    # written out: np.cross costs ~20x more on 3-vectors, and this runs for every stack read
+    normal = np.array([ay * bz - az * by, az * bx - ax * bz, ax * by - ay * bx])
+    length = float(np.sqrt(normal @ normal))
     if not length > 1e-6:
         raise ValueError(f"ImageOrientationPatient {list(orientation)} has parallel row and column directions")
     return normal / length
 
 
-def subsample(pixels: np.ndarray, size: int = 65536) -> np.ndarray:
+def subsample(pixels: np.ndarray, size: int = 32768) -> np.ndarray:
     """About `size` evenly strided voxels: the same percentiles to well under a grey level at a
     fraction of the cost of sorting every voxel of a 512² × 30 stack."""
     flat = pixels.reshape(-1)

@@ -9,6 +9,7 @@ is used. Nothing here raises for bad data: problems are collected in ``SeriesRea
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +93,8 @@ def file_sort_key(path: Path) -> tuple[int, int, str]:
 
 def list_slice_files(folder: Path) -> list[Path]:
     """The .dcm files of a folder (or every plain file when none ends in .dcm), sorted numerically."""
-    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    with os.scandir(folder) as entries:  # scandir: file types without a stat call per file
+        files = [Path(e.path) for e in entries if e.is_file() and not e.name.startswith(".")]
     dicom = [p for p in files if p.suffix.lower() == ".dcm"]
     return sorted(dicom or files, key=file_sort_key)
 
@@ -345,9 +347,10 @@ def read_series(folder: Path | str) -> SeriesRead:
     for number, run in enumerate(runs):
         result.stacks.append(assemble_stack(run, result.problems, f"stack {number}"))
     if len(result.stacks) > 1:  # one intensity window per series, not per stack
-        shared = np.concatenate([subsample(stack.pixels, 65536 // len(result.stacks)) for stack in result.stacks])
+        shared = np.concatenate([subsample(stack.pixels, 32768 // len(result.stacks)) for stack in result.stacks])
+        windows: dict = {}  # computed once for the series, whichever stack asks first
         for stack in result.stacks:
-            stack.intensity_sample = shared
+            stack.intensity_sample, stack._windows = shared, windows
     _note_reversed(result.stacks, result.problems)
     if len(runs) > 1:
         result.problems.append(f"{len(runs)} stacks in one series "
