@@ -164,6 +164,22 @@ def test_budget_keeps_sets_that_fit_and_frontier_is_monotone(synthetic):
         choose(candidates, 0.5, members, 720)
 
 
+def test_beyond_four_members_a_backward_elimination_path_drops_the_least_value_per_hour_first():
+    from spine_ml.ensemble.budget import member_sets
+
+    truth, logits = make_truth(80, seed=2)
+    problem = MetricProblem.from_truth(truth)
+    scored = truth.label.to_numpy() >= 0
+    noise = (1.0, 1.05, 1.1, 1.15, 1.2, 1.0)  # alike, so each adds about as much to the blend ...
+    predictions = np.stack([member_predictions(logits, n, seed=i)[scored] for i, n in enumerate(noise)])
+    members = [fake_member(i, seconds=10.0 if i == 5 else 1.0) for i in range(6)]  # ... but one costs 10x
+    path = member_sets(problem, predictions, members, 720, "caruana")
+    assert [len(s) for s in path] == [6, 5, 4, 3, 2]
+    assert all(set(b) < set(a) for a, b in zip(path, path[1:]))
+    # member 4 gets no weight at all (free to drop); next goes the 10x member, not a cheap one
+    assert path[1] == (0, 1, 2, 3, 5) and 5 not in path[2]
+
+
 # ---------------------------------------------------------------- MLflow selection and the CLI
 
 

@@ -92,9 +92,11 @@ def elimination_path(problem: MetricProblem, predictions: np.ndarray, members: l
     while len(current) > 2:
         now = insample(current)
 
-        def damage_per_hour(drop: int) -> float:
-            loss = insample([i for i in current if i != drop]) - now
-            return loss / max(members[drop].hours(studies) or 0.0, 1e-9)
+        def damage_per_hour(drop: int) -> tuple[float, float]:
+            # a member the blend does not need (no loss) goes first, the dearest of those first
+            loss = max(insample([i for i in current if i != drop]) - now, 0.0)
+            hours = members[drop].hours(studies) or 0.0
+            return loss / max(hours, 1e-9), -hours
 
         current.remove(min(current, key=damage_per_hour))
         path.append(tuple(current))
@@ -111,10 +113,13 @@ def member_sets(problem: MetricProblem, predictions: np.ndarray, members: list[M
 
 
 def evaluate(problem: MetricProblem, predictions: np.ndarray, members: list[Member], folds: np.ndarray,
-             studies: int, method: Method = "scipy", temperature: bool = True, progress=None) -> list[Candidate]:
-    """Every candidate: each member raw, each member calibrated, and each member set fitted."""
-    sets = [(i,) for i in range(len(members))] if temperature else []
-    sets += member_sets(problem, predictions, members, studies, method)
+             studies: int, method: Method = "scipy", temperature: bool = True, progress=None,
+             sets: list[tuple[int, ...]] | None = None) -> list[Candidate]:
+    """Every candidate: each member raw, each member calibrated, and each member set fitted
+    (`sets`, default member_sets(...))."""
+    if sets is None:
+        sets = member_sets(problem, predictions, members, studies, method)
+    sets = ([(i,) for i in range(len(members))] if temperature else []) + list(sets)
     candidates = [raw_candidate(problem, predictions, members, i, studies) for i in range(len(members))]
     for indices in sets:
         candidates.append(fitted_candidate(problem, predictions, members, indices, folds, studies, method, temperature))

@@ -90,12 +90,11 @@ def fit_ensemble(config: Config, members: list[Member], truth: pd.DataFrame,
     problem = MetricProblem.from_truth(truth)
     predictions = all_rows[:, scored]
     folds = study_folds(problem.study_ids, options.cv_folds, config.cv.seed)
-    total = len(members) * options.temperature + len(member_sets(problem, predictions, members, options.studies,
-                                                                   options.method))
-    with tqdm(total=total, desc="ensemble: fitting member sets", unit="set",
-              disable=os.environ.get("SPINE_ML_QUIET") == "1") as progress:
+    sets = member_sets(problem, predictions, members, options.studies, options.method)
+    with tqdm(total=len(members) * options.temperature + len(sets), desc="ensemble: fitting member sets",
+              unit="set", disable=os.environ.get("SPINE_ML_QUIET") == "1") as progress:
         candidates = evaluate(problem, predictions, members, folds, options.studies, options.method,
-                              options.temperature, progress)
+                              options.temperature, progress, sets)
     everyone = tuple(range(len(members)))
     all_fitted = next((c for c in candidates if c.fitted and c.tried == everyone and len(members) > 1), None)
     return EnsembleSummary(
