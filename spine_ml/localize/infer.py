@@ -145,14 +145,13 @@ def nearest_axial_slice(point: np.ndarray, axial: list[tuple[int, Stack]]) -> tu
 
 
 def localize_subarticular(localizer: Localizer, points: dict[str, np.ndarray],
-                          axial: list[tuple[int, Stack]], study_id: int) -> dict[tuple[str, str], Site]:
+                          axial: list[tuple[int, Stack]], problems: list[str]) -> dict[tuple[str, str], Site]:
     sites = {}
     for level, point in points.items():
         nearest = nearest_axial_slice(point, axial)
         if nearest is None or nearest[3] > localizer.cfg.axial_max_distance_mm:
-            log.info("study %d: level %s is not covered by any axial stack (nearest %s); subarticular rows "
-                     "fall back to the prior", study_id, V.LEVEL_TITLES[level],
-                     "none" if nearest is None else f"{nearest[3]:.1f} mm")
+            problems.append(f"level {V.LEVEL_TITLES[level]} is covered by no axial stack (nearest slice: "
+                            f"{'none' if nearest is None else f'{nearest[3]:.1f} mm'} away)")
             continue
         series_id, stack, slice_index, distance = nearest
         maps = localizer.heatmaps(stack, [slice_index])
@@ -209,5 +208,5 @@ def localize_study(localizer: Localizer, study_folder: Path | str, series: list[
         result.sites.update(localize_foramina(localizer, *t1, midline))
     if stacks[V.AXIAL_T2]:
         result.sites.update(localize_subarticular(localizer, level_points(result.sites), stacks[V.AXIAL_T2],
-                                                  result.study_id))
+                                                  result.problems))
     return result

@@ -24,6 +24,7 @@ POSITIVE_WEIGHT = 20.0  # extra loss weight on target pixels: peaks are a few ce
 AUGMENT_SHIFT = 0.08  # fraction of the half-image (normalised coordinates)
 AUGMENT_SCALE = 0.12
 AUGMENT_ROTATE_DEG = 8.0
+NEGATIVE_SHARE = 0.35  # share of the slices without any target peak used in each epoch (easy negatives)
 CHECKPOINT = "localizer.pt"
 SETTINGS = "localizer.yaml"
 
@@ -114,14 +115,18 @@ def fit(model, samples: LocalizerSamples, cfg, device, progress: bool = False) -
     generator = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     grid = L.heatmap_size(cfg.input_px)
+    peaked = (samples.peaks[..., 2].max(axis=2) * samples.channel_mask).max(axis=1) > 0.05
+    positives, negatives = np.flatnonzero(peaked), np.flatnonzero(~peaked)
+    per_epoch = len(positives) + int(round(NEGATIVE_SHARE * len(negatives)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = max(1, math.ceil(len(samples) / cfg.batch_size)) * cfg.epochs
+    steps = max(1, math.ceil(per_epoch / cfg.batch_size)) * cfg.epochs
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps, pct_start=0.15)
     history = []
     for epoch in tqdm(range(1, cfg.epochs + 1), desc="localizer", disable=not progress, unit="epoch"):
         started, total, count = time.perf_counter(), 0.0, 0
         model.train()
-        order = rng.permutation(len(samples))
+        chosen = rng.choice(negatives, per_epoch - len(positives), replace=False)
+        order = rng.permutation(np.concatenate([positives, chosen]))
         for start in range(0, len(order), cfg.batch_size):
             rows = np.sort(order[start:start + cfg.batch_size])
             if len(rows) < 2:

@@ -79,7 +79,7 @@ def assemble(rows: pd.DataFrame, probabilities: np.ndarray, prior: pd.DataFrame)
     from spine_ml.competition.submission import normalised_frame
     from spine_ml.training.prior import prior_probabilities
 
-    values = prior_probabilities(rows, prior)
+    values = np.array(prior_probabilities(rows, prior), dtype=np.float64)  # a writable copy
     has_crop = rows.crop.to_numpy() >= 0
     values[has_crop] = probabilities[rows.crop.to_numpy()[has_crop]]
     return normalised_frame(rows.row_id.to_numpy(), values)
