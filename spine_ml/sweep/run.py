@@ -142,6 +142,12 @@ def run_sweep(config: Config, resume: bool = False) -> SweepSummary:
         interrupted = False
     finally:
         records.close_running(config, experiment_id, parent, status="KILLED" if interrupted else "FINISHED")
+    try:  # plots/optimisation_history.png, param_importances.png on the parent run; never fail a sweep
+        from spine_ml.plots.sweep import log_sweep_plots
+
+        log_sweep_plots(config, experiment_id, parent)
+    except Exception as error:  # noqa: BLE001
+        log.warning("sweep plots not logged: %s", error)
     return summarise(config, experiment_id, parent, time.time() - start)
 
 

@@ -97,6 +97,9 @@ def log_trial(config: Config, result: TrialResult, run_name: str | None = None, 
                 history_path = Path(folder) / "history.csv"
                 pd.DataFrame(result.history).to_csv(history_path, index=False)
                 mlflow_client.log_artifact(run_id, str(history_path))
+        from spine_ml.plots.trial import log_trial_plots  # never raises: plots/confusion.png, reliability.png
+
+        log_trial_plots(mlflow_client, run_id, config, result.oof)
     except BaseException:
         mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
         raise
