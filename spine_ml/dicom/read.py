@@ -150,8 +150,12 @@ def read_slice(path: Path) -> SliceFile:
         raise SliceError(f"not a readable DICOM file ({type(error).__name__}: {error})") from None
     position = _floats(dataset, "ImagePositionPatient", 3)
     orientation = _floats(dataset, "ImageOrientationPatient", 6)
-    if position is None or orientation is None:
+    if position is None or orientation is None or not np.isfinite(position).all():
         raise SliceError("no usable ImagePositionPatient/ImageOrientationPatient (cannot be placed in space)")
+    try:
+        unit_normal(orientation)  # zero, parallel or non-finite directions: no slice normal to order by
+    except ValueError as error:
+        raise SliceError(str(error)) from None
     try:
         raw = dataset.pixel_array
     except Exception as error:  # noqa: BLE001 - decoders raise many types; any of them means "skip this file"
@@ -161,6 +165,12 @@ def read_slice(path: Path) -> SliceFile:
     slope, intercept = _float(dataset, "RescaleSlope"), _float(dataset, "RescaleIntercept")
     thickness, between = _float(dataset, "SliceThickness"), _float(dataset, "SpacingBetweenSlices")
     spacing = _floats(dataset, "PixelSpacing", 2)
+    if spacing is not None and not (np.isfinite(spacing).all() and (spacing > 0).all()):
+        spacing = None  # a zero, negative or non-finite spacing is as good as none: same fallback
+    if slope is not None and not np.isfinite(slope):
+        slope = None
+    if intercept is not None and not np.isfinite(intercept):
+        intercept = None
     missing = tuple(k for k, v in (("RescaleSlope", slope), ("SliceThickness", thickness),
                                    ("SpacingBetweenSlices", between), ("PixelSpacing", spacing)) if v is None)
     instance = _float(dataset, "InstanceNumber")
