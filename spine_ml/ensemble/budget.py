@@ -5,12 +5,12 @@ number of test studies. A set's cost counts only the members its fitted blend ke
 Every set is scored by nested cross-validation (validation.cross_validate); each member alone, raw,
 is a candidate too, so the chosen ensemble is never worse than the best member that fits the budget.
 Up to EXHAUSTIVE_MEMBERS members every subset is tried; beyond that, a backward-elimination path
-(drop the member whose loss costs the least in-sample score per hour saved) keeps the work linear.
+(drop the member whose loss costs the least in-sample score per hour saved) keeps the number of
+cross-validated sets linear in the members.
 """
 from __future__ import annotations
 
 import itertools
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +22,6 @@ from spine_ml.ensemble.validation import cross_validate
 from spine_ml.ensemble.weights import Blend, Method, fit_blend
 from spine_ml.errors import UserError
 
-log = logging.getLogger(__name__)
 EXHAUSTIVE_MEMBERS = 4
 
 
