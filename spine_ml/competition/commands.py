@@ -23,6 +23,8 @@ def read_submission(path: str) -> pd.DataFrame:
 
 def score_cli(args) -> int:
     truth = read_truth(args.truth)
+    if not (truth.label >= 0).any():
+        raise DataFormatError(f"{args.truth}: no labelled rows to score")
     submission = read_submission(args.submission)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

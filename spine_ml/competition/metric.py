@@ -75,9 +75,10 @@ def normalise_rows(values: np.ndarray, where: str = "submission") -> np.ndarray:
 def score(truth: pd.DataFrame, submission: pd.DataFrame, where: str = "submission") -> Score:
     """truth: long form (row_id, label with -1 for missing, sample_weight); submission: submission layout."""
     scored = truth[truth.label >= 0]
+    values = check_predictions(submission, where)  # first: it names missing columns (row_id among them)
     if submission.row_id.duplicated().any():
         raise SubmissionError(f"{where}: duplicate row_id(s) {list(submission.row_id[submission.row_id.duplicated()][:5])}")
-    probs = normalise_rows(check_predictions(submission, where), where)
+    probs = normalise_rows(values, where)
     position = pd.Series(np.arange(len(submission)), index=submission.row_id.to_numpy())
     index = position.reindex(scored.row_id.to_numpy())
     if index.isna().any():

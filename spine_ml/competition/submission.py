@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from spine_ml.competition import vocabulary as V
-from spine_ml.competition.tables import DataFormatError, read_series_descriptions
+from spine_ml.competition.tables import DataFormatError, _read_csv, read_series_descriptions
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,13 @@ def write_predictions(frame: pd.DataFrame, path: Path | str, overwrite: bool = T
 def expected_studies(data_dir: Path | str | None = None, sample: Path | str | None = None) -> list[int]:
     """The test studies a submission must cover: from DIR/test_series_descriptions.csv or a sample file."""
     if sample is not None:
-        frame = pd.read_csv(sample, dtype=str, keep_default_na=False)
+        frame = _read_csv(sample, "sample submission")
         if "row_id" not in frame.columns:
             raise DataFormatError(f"{sample}: no row_id column; is it a sample_submission.csv?")
-        return sorted({V.parse_row_id(r)[0] for r in frame.row_id})
+        try:
+            return sorted({V.parse_row_id(r)[0] for r in frame.row_id})
+        except ValueError as error:
+            raise DataFormatError(f"{sample}: {error}") from None
     if data_dir is None:
         raise ValueError("give the data folder (--data) or a sample submission (--sample)")
     descriptions = read_series_descriptions(Path(data_dir) / "test_series_descriptions.csv")

@@ -88,11 +88,18 @@ def read_solution(path: Path | str) -> pd.DataFrame:
     """Solution layout (row_id,normal_mild,moderate,severe[,sample_weight]) -> long form."""
     frame = _read_csv(path, "solution file")
     _require_columns(frame, V.SUBMISSION_COLUMNS, path)
-    probs = frame[list(V.PROBABILITY_COLUMNS)].apply(pd.to_numeric, errors="coerce").to_numpy()
-    if np.isnan(probs).any():
-        raise DataFormatError(f"{path}: non-numeric truth values in rows {list(frame.row_id[np.isnan(probs).any(1)][:5])}")
+    probs = frame[list(V.PROBABILITY_COLUMNS)].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    bad = ~np.isfinite(probs).all(1) | (probs < 0).any(1)
+    if bad.any():
+        raise DataFormatError(f"{path}: non-numeric, non-finite or negative truth values in rows {list(frame.row_id[bad][:5])}")
+    duplicated = frame.row_id.duplicated()
+    if duplicated.any():  # a repeated row would be scored twice
+        raise DataFormatError(f"{path}: duplicate row_id(s) {list(frame.row_id[duplicated][:5])}")
     label = probs.argmax(1)
-    parsed = [V.parse_row_id(r) for r in frame.row_id]
+    try:
+        parsed = [V.parse_row_id(r) for r in frame.row_id]
+    except ValueError as error:
+        raise DataFormatError(f"{path}: {error}") from None
     long = pd.DataFrame({
         "row_id": frame.row_id.to_numpy(),
         "study_id": [p[0] for p in parsed],
@@ -101,7 +108,12 @@ def read_solution(path: Path | str) -> pd.DataFrame:
         "label": label,
     })
     if "sample_weight" in frame.columns:
-        long["sample_weight"] = pd.to_numeric(frame.sample_weight, errors="coerce").to_numpy()
+        weights = pd.to_numeric(frame.sample_weight, errors="coerce").to_numpy(np.float64)
+        bad = ~np.isfinite(weights) | (weights < 0)
+        if bad.any():
+            raise DataFormatError(f"{path}: sample_weight must be a non-negative number; bad in rows "
+                                  f"{list(frame.row_id[bad][:5])}")
+        long["sample_weight"] = weights
     else:
         long["sample_weight"] = np.take(V.SAMPLE_WEIGHTS, label)
     return long
@@ -141,7 +153,7 @@ def read_coordinates(path: Path | str) -> pd.DataFrame:
             raise DataFormatError(f"{path}: column {column}: {error}") from None
     for column in ("x", "y"):
         out[column] = pd.to_numeric(frame[column], errors="coerce")
-        if out[column].isna().any():
-            line = int(np.flatnonzero(out[column].isna().to_numpy())[0]) + 2
+        if not np.isfinite(out[column].to_numpy(np.float64)).all():  # 'inf' parses, but is no pixel position
+            line = int(np.flatnonzero(~np.isfinite(out[column].to_numpy(np.float64)))[0]) + 2
             raise DataFormatError(f"{path}: line {line}: {column} is not a number ({frame[column].iat[line - 2]!r})")
     return out
