@@ -4,8 +4,9 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SPINE := $(VENV)/bin/spine-ml
 STAMP := $(VENV)/.installed
+SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
 
-.PHONY: install test test-slow demo ui bench clean-demo
+.PHONY: install browser test test-slow demo ui bench clean-demo
 
 install: $(STAMP)
 
@@ -21,8 +22,16 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) browser
 	$(PY) -m pytest -q -m slow
+
+# Debian's Chromium for tests/test_ui_browser.py (Playwright, from the dev extra, drives it; its own
+# browser download is not used). A no-op when installed; without apt-get the browser test skips.
+browser: $(STAMP)
+	@if [ -x /usr/bin/chromium ]; then echo "chromium: /usr/bin/chromium"; \
+	elif command -v apt-get >/dev/null; then $(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else echo "no apt-get: put Chromium at /usr/bin/chromium; tests/test_ui_browser.py skips without it"; fi
 
 demo: $(STAMP)
 	$(PY) -m spine_ml.demo sweeps/demo.yaml

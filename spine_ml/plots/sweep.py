@@ -74,12 +74,13 @@ def history_table(study: optuna.Study, finished: set[float]) -> pd.DataFrame:
         is_final = bool(len(known)) and bool(np.isclose(known, value, rtol=0, atol=1e-9).any())
         rows.append({"number": trial.number, "objective": value, "finished": is_final})
     table = pd.DataFrame(rows, columns=["number", "objective", "finished"])
-    table["best_finished"] = table.objective.where(table.finished).cummin()
+    table["best_finished"] = table.objective.where(table.finished).cummin().ffill()
     return table
 
 
 def history_figure(table: pd.DataFrame, sweep_name: str) -> Figure:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(8, 4.5), dpi=DPI, layout="constrained")
     ax = figure.subplots()
@@ -90,6 +91,7 @@ def history_figure(table: pd.DataFrame, sweep_name: str) -> Figure:
                    label="stopped by ASHA: fold-0 score")
     if table.best_finished.notna().any():
         ax.step(table.number, table.best_finished, where="post", color="C0", alpha=0.6, label="best OOF score so far")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="trial (sampling order)", ylabel="objective (weighted log loss, lower is better)")
     ax.set_title(f"Optimisation history of sweep '{sweep_name}' ({len(table)} completed trials)", fontsize=10)
     ax.grid(alpha=0.3)

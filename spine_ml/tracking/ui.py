@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,17 @@ def ui_command(config, host: str, port: int) -> list[str]:
     uri, artifacts = store_arguments(config)
     return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
             "--default-artifact-root", artifacts, "--host", host, "--port", str(port), "--workers", "1"]
+
+
+def runs_page(config, base_url: str) -> str | None:
+    """The experiment's runs table in the UI's model-training view (MLflow 3 opens experiments in its
+    GenAI view unless the URL says otherwise), or None when the experiment does not exist yet."""
+    from spine_ml.tracking.store import client
+
+    experiment = client(config).get_experiment_by_name(config.tracking.experiment)
+    if experiment is None:
+        return None
+    return f"{base_url}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
 
 
 def _default_config():
@@ -49,9 +61,22 @@ def cli(args) -> int:
     if args.host not in ("127.0.0.1", "localhost"):
         print(f"warning: serving the MLflow UI on {args.host}: anyone who can reach this machine can read "
               f"and change your runs", file=sys.stderr)
-    print(f"MLflow UI: http://{args.host}:{args.port}  (store {uri}; Ctrl-C stops it)", flush=True)
+    base_url = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI: {base_url}  (store {uri}; Ctrl-C stops it)")
+    page = runs_page(config, base_url)
+    if page:
+        print(f"runs of experiment '{config.tracking.experiment}': {page}")
+    sys.stdout.flush()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    return serve(ui_command(config, args.host, args.port), env)
+
+
+def serve(command: list[str], env: dict[str, str]) -> int:
+    """Run the MLflow server until it exits; `kill` (SIGTERM) of this process stops it too."""
+    server = subprocess.Popen(command, env=env)
+    signal.signal(signal.SIGTERM, lambda *_: server.terminate())
     try:
-        return subprocess.call(ui_command(config, args.host, args.port), env=env)
-    except KeyboardInterrupt:
+        return server.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached the server as well: let it finish shutting down
+        server.wait()
         return 0
