@@ -165,6 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"spine-ml {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except OSError as error:  # a full or read-only disk is the user's to fix, not a bug: no traceback
+        import errno
+
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+            raise
+        print(f"spine-ml {args.verb}: error: {error}; free some disk space (or point data.root, "
+              f"prepare.cache_dir or the tracking store elsewhere) and run it again", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
