@@ -170,7 +170,11 @@ def build_cache(root: Path, target: Path, prepare_cfg, fingerprint: dict, progre
     index, studies, tasks = P.plan(root)
     building = target.with_name(f"{target.name}.building-{os.getpid()}")
     building.mkdir(parents=True)
-    results, samples, files, seconds = write_samples(tasks, prepare_cfg, building / "patches.f16", progress)
+    try:
+        results, samples, files, seconds = write_samples(tasks, prepare_cfg, building / "patches.f16", progress)
+    except BaseException:  # a full disk or Ctrl-C: give the space back now, not at the next build
+        shutil.rmtree(building, ignore_errors=True)
+        raise
     apply_results(index, studies, results)
     index[INDEX_COLUMNS].to_csv(building / "index.csv", index=False)
     studies.to_csv(building / "studies.csv", index=False)
