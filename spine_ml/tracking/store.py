@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 STORE_FOLDER = "mlruns"
+MIN_FREE_MB = 64  # below this a trial cannot store its fold checkpoints; fail before training instead
 
 
 class TrackingError(UserError):
@@ -72,6 +74,11 @@ def check_store_writable(config: Config) -> None:
         raise TrackingError(
             f"the MLflow store folder {folder} is not writable ({error.strerror or error}); fix its "
             f"permissions, or point tracking.uri (or MLFLOW_TRACKING_URI) at another store") from None
+    free_mb = shutil.disk_usage(folder).free / 2 ** 20
+    if free_mb < MIN_FREE_MB:  # runs write checkpoints and OOF files here: a full disk fails them late
+        raise TrackingError(f"only {free_mb:.1f} MB free for the MLflow store {folder} (runs need at least "
+                            f"{MIN_FREE_MB} MB for checkpoints and artifacts); free some space or point "
+                            f"tracking.uri (or MLFLOW_TRACKING_URI) at another store")
 
 
 def client(config: Config) -> MlflowClient:
