@@ -33,7 +33,7 @@ def _uid(*parts: object) -> str:
 
 def _rle_plugin() -> str:
     """pylibjpeg-rle when installed (same bytes as pydicom's own encoder, ~8x faster)."""
-    from pydicom.encoders import RLELosslessEncoder
+    from pydicom.pixels.encoders import RLELosslessEncoder  # pydicom.encoders: deprecated, warns per call
 
     return "pylibjpeg" if "pylibjpeg" in RLELosslessEncoder.available_plugins else "pydicom"
 

@@ -3,7 +3,6 @@ inference budget -> test predictions -> submission.csv, all recorded as one MLfl
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -78,11 +77,10 @@ def aligned_members(members: list[Member], truth: pd.DataFrame) -> tuple[list[Me
 def fit_ensemble(config: Config, members: list[Member], truth: pd.DataFrame,
                  options: EnsembleOptions) -> EnsembleSummary:
     """Score members, the equal blend and every member set; choose the best under the budget."""
-    from tqdm.auto import tqdm
-
     from spine_ml.ensemble.budget import check_affordable, choose, evaluate, frontier, member_sets
     from spine_ml.ensemble.report import EnsembleSummary
     from spine_ml.ensemble.validation import study_folds
+    from spine_ml.progress import progress as progress_bar
 
     members, all_rows = aligned_members(members, truth)
     check_affordable(members, options.budget_hours, options.studies)
@@ -91,8 +89,8 @@ def fit_ensemble(config: Config, members: list[Member], truth: pd.DataFrame,
     predictions = all_rows[:, scored]
     folds = study_folds(problem.study_ids, options.cv_folds, config.cv.seed)
     sets = member_sets(problem, predictions, members, options.studies, options.method)
-    with tqdm(total=len(members) * options.temperature + len(sets), desc="ensemble: fitting member sets",
-              unit="set", disable=os.environ.get("SPINE_ML_QUIET") == "1") as progress:
+    with progress_bar(total=len(members) * options.temperature + len(sets), desc="ensemble: fitting member sets",
+                      unit="set") as progress:
         candidates = evaluate(problem, predictions, members, folds, options.studies, options.method,
                               options.temperature, progress, sets)
     everyone = tuple(range(len(members)))

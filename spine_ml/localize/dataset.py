@@ -151,14 +151,14 @@ def _concatenate(parts: list[tuple[int, dict]]) -> LocalizerSamples:
 
 def build_samples(root: Path, studies, cfg, percentiles, progress: bool = False) -> LocalizerSamples:
     """Read every labelled series of `studies` and cut the localizer's samples."""
-    from tqdm import tqdm
+    from spine_ml.progress import progress as progress_bar
 
     coordinates = tables.read_coordinates(root / "train_label_coordinates.csv")
     descriptions = tables.read_series_descriptions(root / "train_series_descriptions.csv")
     description_of = dict(zip(descriptions.series_id.tolist(), descriptions.series_description.tolist()))
     by_study = dict(tuple(coordinates.groupby("study_id")))
     parts = []
-    for study_id in tqdm(list(studies), desc="localizer samples", disable=not progress, unit="study"):
+    for study_id in progress_bar(list(studies), desc="localizer samples", disable=not progress, unit="study"):
         if int(study_id) not in by_study:
             continue
         for part in study_samples(root, int(study_id), by_study[int(study_id)], description_of, cfg, percentiles):

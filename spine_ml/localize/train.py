@@ -110,7 +110,8 @@ def _batch(samples: LocalizerSamples, rows: np.ndarray):
 def fit(model, samples: LocalizerSamples, cfg, device, progress: bool = False) -> list[dict]:
     """Train `model` on `samples` for cfg.epochs; returns per-epoch loss and seconds."""
     import torch
-    from tqdm import tqdm
+
+    from spine_ml.progress import progress as progress_bar
 
     generator = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -122,7 +123,7 @@ def fit(model, samples: LocalizerSamples, cfg, device, progress: bool = False) -
     steps = max(1, math.ceil(per_epoch / cfg.batch_size)) * cfg.epochs
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps, pct_start=0.15)
     history = []
-    for epoch in tqdm(range(1, cfg.epochs + 1), desc="localizer", disable=not progress, unit="epoch"):
+    for epoch in progress_bar(range(1, cfg.epochs + 1), desc="localizer", disable=not progress, unit="epoch"):
         started, total, count = time.perf_counter(), 0.0, 0
         model.train()
         chosen = rng.choice(negatives, per_epoch - len(positives), replace=False)

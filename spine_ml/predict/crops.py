@@ -97,11 +97,11 @@ def cut_study(localizer, data_root: Path, study_id: int, series: list[tuple[int,
 
 
 def localise_and_cut(localizer, data_root: Path, studies, prepare_cfg, progress: bool = False) -> TestCrops:
-    from tqdm import tqdm
+    from spine_ml.progress import progress as progress_bar
 
     listed = study_series(data_root)
     all_rows, all_crops, problems = [], [], {}
-    for study_id in tqdm(list(studies), desc="localise + crop", unit="study", disable=not progress):
+    for study_id in progress_bar(list(studies), desc="localise + crop", unit="study", disable=not progress):
         rows, crops, study_problems = cut_study(localizer, data_root, int(study_id), listed.get(int(study_id), []),
                                                 prepare_cfg)
         for row in rows:

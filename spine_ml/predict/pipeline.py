@@ -54,6 +54,7 @@ def crop_batches(crops: np.ndarray, conditions: np.ndarray, crop_px: int, input_
 def fold_probabilities(config, checkpoints: Sequence[Path], crops: np.ndarray, conditions: np.ndarray) -> np.ndarray:
     """(N, 3) mean over the fold models of their softmax on each crop (bf16 autocast on CUDA)."""
     from spine_ml.models.classifier import load_fold_models
+    from spine_ml.progress import progress
     from spine_ml.training.device import cap_threads, resolve_device, use_bf16
     from spine_ml.training.loop import predict
 
@@ -66,7 +67,8 @@ def fold_probabilities(config, checkpoints: Sequence[Path], crops: np.ndarray, c
     bf16 = use_bf16(config.train, device)
     cap_threads()
     total = np.zeros((len(crops), len(V.SEVERITIES)))
-    for model in load_fold_models(checkpoints, config, device):
+    for model in progress(load_fold_models(checkpoints, config, device), total=len(checkpoints), desc="predict",
+                          unit="fold model", leave=False):
         batches = crop_batches(crops, conditions, config.model.crop_px, config.model.input_px,
                                config.predict.batch_size)
         total += predict(model, batches, device=device, bf16=bf16).probabilities

@@ -82,7 +82,9 @@ def cli(args) -> int:
     from spine_ml.competition.submission import expected_studies, validate_submission, write_predictions
     from spine_ml.config import load_config
     from spine_ml.prepare.cache import ensure_data
+    from spine_ml.progress import quiet_library_bars
 
+    quiet_library_bars()  # -q: MLflow's download bars too
     if args.bundle:
         raise UserError("--bundle is not supported by this build; use --run RUN_ID (and --localizer RUN_ID)")
     if not args.config or not args.run:

@@ -139,12 +139,12 @@ def run_tasks(tasks: list[StudyTask], prepare_cfg, workers: int):
 
 def write_samples(tasks: list[StudyTask], prepare_cfg, patches_path: Path, progress: bool):
     """Run every task, appending patches to a raw float16 file; returns (results, samples, files, seconds)."""
-    from tqdm import tqdm
+    from spine_ml.progress import progress as progress_bar
 
     started = time.perf_counter()
     results, samples, files = [], 0, 0
-    with open(patches_path, "wb") as sink, tqdm(total=len(tasks), unit="study", desc="prepare",
-                                                  disable=not progress) as bar:
+    with open(patches_path, "wb") as sink, progress_bar(total=len(tasks), unit="study", desc="prepare",
+                                                          disable=not progress) as bar:
         for result in run_tasks(tasks, prepare_cfg, prepare_cfg.workers):
             if result.patches is not None:
                 sink.write(np.ascontiguousarray(result.patches, dtype=np.float16).tobytes())

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from pathlib import Path
@@ -19,10 +18,9 @@ class EpochProgress:
     """One tqdm bar over every fold-epoch of the trial, advanced after each epoch."""
 
     def __init__(self, config: Config):
-        from tqdm.auto import tqdm
+        from spine_ml.progress import progress
 
-        self.bar = tqdm(total=config.cv.folds * config.train.epochs, unit="epoch", desc="train",
-                        disable=os.environ.get("SPINE_ML_QUIET") == "1", dynamic_ncols=True)
+        self.bar = progress(total=config.cv.folds * config.train.epochs, unit="epoch", desc="train")
 
     def __call__(self, report: EpochReport) -> None:
         self.bar.set_description(f"fold {report.fold + 1}/{report.folds_total} epoch {report.epoch}/{report.epochs_total}")
