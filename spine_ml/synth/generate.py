@@ -112,8 +112,9 @@ def _prepare_out(out: Path, force: bool) -> None:
     if existing and not force:
         raise SynthError(f"{out} already holds a data set ({', '.join(existing[:4])}); pass --force to "
                          "replace it, or choose another folder")
+    if existing:
+        log.warning("--force: replacing the data set in %s (%s)", out, ", ".join(existing))
     for entry in existing:
-        log.warning("--force: removing %s", out / entry)
         target = out / entry
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     out.mkdir(parents=True, exist_ok=True)

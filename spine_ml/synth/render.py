@@ -192,13 +192,13 @@ def _canal(spine: Spine, c: Contrast, p: _Points, edge: float) -> None:
     front = canal_n - canal_b + 0.9 * canal_b * spinal
     back = canal_n + canal_b - 0.7 * canal_b * spinal
     sac_n, sac_b = (front + back) / 2, (back - front) / 2
-    sac_a = canal_a * (1 - 0.12 * spinal) * (1 - 0.5 * recess * profile)
+    sac_a = canal_a * (1 - 0.12 * spinal) * (1 - 0.7 * recess * profile)
     _paint(p.image, _ramp(_ellipse(p.side, p.n - sac_n, sac_a, sac_b), edge), c["csf"])
     for rel_side, rel_n in ((-0.35, 0.45), (0.35, 0.45), (-0.65, 0.05), (0.65, 0.05)):  # cauda equina
         root = 0.9 - np.hypot(p.side - rel_side * sac_a, p.n - sac_n - rel_n * sac_b)
         _paint(p.image, 0.8 * _ramp(root, edge), c["nerve"])
-    facet_side = np.where(is_left, 1.0, -1.0) * (canal_a + 6.0 - 5.0 * recess)
-    facet = 5.0 + 1.5 * recess - np.hypot(p.side - facet_side, p.n - (canal_n + 0.6 * canal_b))
+    facet_side = np.where(is_left, 1.0, -1.0) * (canal_a + 6.0 - 7.0 * recess)
+    facet = 5.0 + 2.0 * recess - np.hypot(p.side - facet_side, p.n - (canal_n + 0.6 * canal_b))
     near_disc = 0.5 * disc_height + 6.0 - from_disc
     _bone(c, p.image, np.minimum(facet, near_disc), edge)
 
@@ -209,10 +209,12 @@ def _foramina(spine: Spine, c: Contrast, p: _Points, edge: float) -> None:
     narrowing = np.where(p.side > 0, spine.foraminal[p.disc, LEFT], spine.foraminal[p.disc, RIGHT])
     centre_t = spine.disc_centre[p.disc] - 0.25 * spine.disc_height[p.disc] - 3.5
     centre_n = (spine.body_half_depth[p.disc] + spine.body_half_depth[p.disc + 1]) / 2 + 4.5
-    height, depth = 8.5 * (1 - 0.7 * narrowing), 4.5 * (1 - 0.7 * narrowing)
+    height, depth = 9.0 * (1 - 0.7 * narrowing), 5.0 * (1 - 0.7 * narrowing)
     lateral = _band(abs_side, spine.canal_half_width - 1.0, spine.canal_half_width + 14.0)
-    _paint(p.image, _ramp(np.minimum(_ellipse(p.t - centre_t, p.n - centre_n, height, depth), lateral), edge), c["fat"])
-    root_t = centre_t - 0.45 * 8.5 * (1 - 0.3 * narrowing)
+    foramen = _ellipse(p.t - centre_t, p.n - centre_n, height, depth)
+    _paint(p.image, _ramp(np.minimum(foramen + 1.3, lateral), edge), c["cortex"])  # the pedicles' rim
+    _paint(p.image, _ramp(np.minimum(foramen, lateral), edge), c["fat"])
+    root_t = centre_t - 0.45 * 9.0 * (1 - 0.3 * narrowing)
     root = 2.3 * (1 - 0.25 * narrowing) - np.hypot(p.t - root_t, p.n - centre_n + 0.3)
     _paint(p.image, _ramp(np.minimum(root, lateral), edge), c["nerve"])
 
