@@ -3,7 +3,8 @@
 A member's test-time cost is folds x seconds-per-study (one fold model, as its run measured it) x the
 number of test studies. A set's cost counts only the members its fitted blend keeps (weight > 0).
 Every set is scored by nested cross-validation (validation.cross_validate); each member alone, raw,
-is a candidate too, so the chosen ensemble is never worse than the best member that fits the budget.
+and the plain average of all are candidates too (nothing fitted, so no CV needed), so the chosen
+ensemble is never worse than the best member that fits the budget.
 Up to EXHAUSTIVE_MEMBERS members every subset is tried; beyond that, a backward-elimination path
 (drop the member whose loss costs the least in-sample score per hour saved) keeps the number of
 cross-validated sets linear in the members.
@@ -40,6 +41,7 @@ class Candidate:
     cv_probabilities: np.ndarray
     fitted: bool  # False: one member as it is (no weights, no calibration)
     tried: tuple[int, ...] = ()  # the set the blend was fitted on (members drops zero weights)
+    temperature: bool = False  # temperatures were fitted (they may still have come out as 1)
 
     @property
     def cv_score(self) -> float:
@@ -47,20 +49,27 @@ class Candidate:
 
     def label(self, members: list[Member]) -> str:
         names = "+".join(members[i].short_id for i in self.members)
-        return names if self.fitted else f"{names} (raw)"
+        if not self.fitted:
+            return f"{names} ({'raw' if len(self.members) == 1 else 'equal weights'})"
+        return f"{names} ({'weights + temperatures' if self.temperature else 'weights'})"
 
 
 def set_hours(members: list[Member], indices, studies: int) -> float:
     return float(sum(members[i].hours(studies) or 0.0 for i in indices))
 
 
-def raw_candidate(problem: MetricProblem, predictions: np.ndarray, members: list[Member], index: int,
-                  studies: int) -> Candidate:
+def unfitted_candidate(problem: MetricProblem, predictions: np.ndarray, members: list[Member], indices,
+                       studies: int) -> Candidate:
+    """Equal weights over `indices`, no calibration: nothing is fitted, so its score needs no CV
+    (one member alone is that member as it is)."""
+    indices = tuple(int(i) for i in indices)
     weights = np.zeros(len(members))
-    weights[index] = 1.0
-    parts = problem.parts(predictions[index])
-    return Candidate((index,), Blend(weights, np.ones(len(V.CONDITIONS))), parts, parts["score"],
-                     set_hours(members, [index], studies), predictions[index], fitted=False, tried=(index,))
+    weights[list(indices)] = 1.0 / len(indices)
+    blend = Blend(weights, np.ones(len(V.CONDITIONS)))
+    probabilities = blend.apply(predictions, problem.conditions)
+    parts = problem.parts(probabilities)
+    return Candidate(indices, blend, parts, parts["score"], set_hours(members, indices, studies), probabilities,
+                     fitted=False, tried=indices)
 
 
 def fitted_candidate(problem: MetricProblem, predictions: np.ndarray, members: list[Member], indices,
@@ -75,7 +84,7 @@ def fitted_candidate(problem: MetricProblem, predictions: np.ndarray, members: l
     full = Blend(weights, blend.temperatures)
     insample = problem.score(full.apply(predictions, problem.conditions))
     return Candidate(kept, full, cv.parts, insample, set_hours(members, kept, studies), cv.probabilities, True,
-                     tuple(indices))
+                     tuple(indices), temperature)
 
 
 def elimination_path(problem: MetricProblem, predictions: np.ndarray, members: list[Member], studies: int,
@@ -118,9 +127,14 @@ def evaluate(problem: MetricProblem, predictions: np.ndarray, members: list[Memb
     (`sets`, default member_sets(...))."""
     if sets is None:
         sets = member_sets(problem, predictions, members, studies, method)
-    sets = ([(i,) for i in range(len(members))] if temperature else []) + list(sets)
-    candidates = [raw_candidate(problem, predictions, members, i, studies) for i in range(len(members))]
-    for indices in sets:
+    everyone = tuple(range(len(members)))
+    candidates = [unfitted_candidate(problem, predictions, members, (i,), studies) for i in everyone]
+    if len(members) > 1:
+        # Fewer fitted parameters can win on small data: the plain average, and weights without temperatures.
+        candidates.append(unfitted_candidate(problem, predictions, members, everyone, studies))
+        if temperature:
+            candidates.append(fitted_candidate(problem, predictions, members, everyone, folds, studies, method, False))
+    for indices in ([(i,) for i in everyone] if temperature else []) + list(sets):
         candidates.append(fitted_candidate(problem, predictions, members, indices, folds, studies, method, temperature))
         if progress is not None:
             progress.update(1)

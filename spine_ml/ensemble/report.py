@@ -55,7 +55,7 @@ def ensemble_json(summary: EnsembleSummary) -> dict:
                      "seconds_per_study": m.seconds_per_study}
                     for i, m in enumerate(summary.members) if chosen.blend.weights[i] > 0],
         "temperatures": dict(zip(V.CONDITIONS, map(float, chosen.blend.temperatures))),
-        "raw_member": not chosen.fitted,
+        "fitted": chosen.fitted,
         "cv_score": chosen.cv_parts, "insample_score": chosen.insample_score,
         "inference_hours": chosen.hours, "studies": summary.studies, "budget_hours": summary.budget_hours,
         "cv_folds": summary.cv_folds, "method": summary.method,
@@ -106,7 +106,7 @@ def log_ensemble_run(config: Config, summary: EnsembleSummary, oof: pd.DataFrame
     try:
         params = {"members": ",".join(kept), "candidates": ",".join(m.run_id for m in summary.members),
                   "method": summary.method, "cv_folds": summary.cv_folds, "budget_hours": summary.budget_hours,
-                  "studies": summary.studies, "raw_member": not chosen.fitted,
+                  "studies": summary.studies, "fitted": chosen.fitted,
                   **{f"weight.{m.run_id}": f"{chosen.blend.weights[i]:.6f}" for i, m in enumerate(summary.members)},
                   **{f"temperature.{c}": f"{t:.4f}" for c, t in zip(V.CONDITIONS, chosen.blend.temperatures)}}
         now = int(time.time() * 1000)
@@ -151,8 +151,9 @@ def format_summary(summary: EnsembleSummary) -> str:
         lines.append(f"  {'fitted blend, all members':<34} {fitted.insample_score:>8.4f}  in-sample")
         lines.append(_row("fitted blend, all members", fitted.cv_parts, f"{summary.cv_folds}-fold nested CV"))
     chosen = summary.chosen
-    lines.append(_row("CHOSEN " + chosen.label(summary.members)[:27], chosen.cv_parts,
-                      f"CV, {chosen.hours:.2f} h <= {summary.budget_hours:g} h"))
+    how = f"{summary.cv_folds}-fold nested CV" if chosen.fitted else "nothing fitted"
+    lines.append(_row("CHOSEN", chosen.cv_parts, f"{how}, {chosen.hours:.2f} h <= {summary.budget_hours:g} h: "
+                      f"{chosen.label(summary.members)}"))
     lines.append("")
     lines.append(f"score vs inference cost ({summary.studies} studies, budget {summary.budget_hours:g} h):")
     for candidate in summary.front:

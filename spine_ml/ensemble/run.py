@@ -94,7 +94,8 @@ def fit_ensemble(config: Config, members: list[Member], truth: pd.DataFrame,
         candidates = evaluate(problem, predictions, members, folds, options.studies, options.method,
                               options.temperature, progress, sets)
     everyone = tuple(range(len(members)))
-    all_fitted = next((c for c in candidates if c.fitted and c.tried == everyone and len(members) > 1), None)
+    all_fitted = next((c for c in candidates if c.fitted and c.tried == everyone and len(members) > 1
+                       and c.temperature == options.temperature), None)
     return EnsembleSummary(
         members=members, member_parts=[problem.parts(p) for p in predictions],
         equal_parts=problem.parts(equal_blend(len(members)).apply(predictions, problem.conditions)),
