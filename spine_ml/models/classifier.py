@@ -145,6 +145,8 @@ def load_fold_models(checkpoint_paths: Sequence[Path | str], config: Config,
                      device: torch.device | str = "cpu") -> list[SpineClassifier]:
     """The fold models of a trial, in eval mode on `device` (weights-only checkpoints)."""
     # The checkpoint holds every weight, so the backbone is built bare: no hub, no local file needed.
+    import pickle  # only for its error type: torch refuses non-weights objects with UnpicklingError
+
     bare = config.model.model_copy(update={"pretrained": False, "checkpoint": None})
     models = []
     for path in checkpoint_paths:
@@ -155,7 +157,7 @@ def load_fold_models(checkpoint_paths: Sequence[Path | str], config: Config,
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
-        except (RuntimeError, KeyError, EOFError, OSError) as error:  # pickle/size mismatches
+        except (RuntimeError, KeyError, EOFError, OSError, pickle.UnpicklingError) as error:  # pickle/size mismatches
             raise ModelError(f"fold checkpoint {path} does not fit {config.model.backbone} "
                              f"(slices={config.prepare.slices}, pooling={config.model.slice_pooling}): {error}") from None
         models.append(model.to(device).eval())
