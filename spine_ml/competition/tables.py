@@ -41,7 +41,7 @@ def parse_ids(values: pd.Series, column: str, path: Path | str) -> np.ndarray:
     text = values.astype(str).str.strip()
     bad = ~text.str.fullmatch(r"\d{1,18}")
     if bad.any():
-        rows = list(np.flatnonzero(bad.to_numpy())[:5] + 2)  # +2: header line, 1-based
+        rows = (np.flatnonzero(bad.to_numpy())[:5] + 2).tolist()  # +2: header line, 1-based
         examples = ", ".join(repr(v) for v in text[bad].head(5))
         raise DataFormatError(f"{path}: {column} must be digits; bad value(s) {examples} on line(s) {rows}")
     return text.astype(np.int64).to_numpy()
