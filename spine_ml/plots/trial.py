@@ -87,7 +87,8 @@ def confusion_figure(rows: pd.DataFrame) -> Figure:
         for (true, pred), count in np.ndenumerate(counts):
             ax.text(pred, true, str(count), ha="center", va="center", fontsize=10,
                     color="white" if share[true, pred] > 0.6 else "black")
-        loss = weighted_log_loss(labels, probs[mask], rows.sample_weight.to_numpy(float)[mask]) if mask.any() else np.nan
+        weights = rows.sample_weight.to_numpy(float)[mask]
+        loss = weighted_log_loss(labels, probs[mask], weights) if mask.any() else np.nan
         ax.set_title(f"{textwrap.fill(V.CONDITION_TITLES[condition], 22)}\nn={mask.sum()}  log loss {loss:.3f}",
                      fontsize=9)
         ax.set_xticks(range(3), short, fontsize=8)
