@@ -4,6 +4,7 @@ from CSVs checked before they become paths. Each is checked twice where it can b
 from __future__ import annotations
 
 import ast
+import functools
 import shutil
 from pathlib import Path
 
@@ -16,10 +17,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "spine_ml"
 SOURCES = sorted(PACKAGE.rglob("*.py"))
 
 
+@functools.lru_cache(maxsize=1)
+def parsed() -> list[tuple[Path, list[ast.AST]]]:
+    return [(path, list(ast.walk(ast.parse(path.read_text(), str(path))))) for path in SOURCES]
+
+
 def calls(name: str, attribute: str):
     """(file, ast.Call) for every `name.attribute(...)` in the package."""
-    for path in SOURCES:
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for path, nodes in parsed():
+        for node in nodes:
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == attribute
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == name):
                 yield path, node
