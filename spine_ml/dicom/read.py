@@ -141,12 +141,15 @@ def _float(dataset, keyword: str) -> float | None:
 
 def read_slice(path: Path) -> SliceFile:
     """Decode one file; SliceError says why it cannot be used."""
+    import struct
+
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         dataset = pydicom.dcmread(path)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as error:
+    # struct.error: a file cut inside an element header (pydicom reads past the end)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, struct.error) as error:
         raise SliceError(f"not a readable DICOM file ({type(error).__name__}: {error})") from None
     position = _floats(dataset, "ImagePositionPatient", 3)
     orientation = _floats(dataset, "ImageOrientationPatient", 6)
