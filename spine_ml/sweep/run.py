@@ -110,6 +110,13 @@ def build_tuner(config: Config, experiment_id: str, parent_run_id: str, resume: 
     )
 
 
+def tracking_lost(config: Config, error: Exception) -> str:
+    from spine_ml.tracking.store import tracking_uri
+
+    return (f"the MLflow tracking store {tracking_uri(config)} stopped answering ({str(error).splitlines()[0][:200]}); "
+            f"runs logged so far are kept; once it is back, continue with `spine-ml sweep CONFIG --resume`")
+
+
 def run_sweep(config: Config, resume: bool = False) -> SweepSummary:
     from spine_ml.prepare.cache import ensure_cache
     from spine_ml.sweep import records
@@ -133,6 +140,8 @@ def run_sweep(config: Config, resume: bool = False) -> SweepSummary:
     parent = records.parent_run(config, experiment_id, resume)
     if resume:
         records.close_running(config, experiment_id, None)
+    from mlflow.exceptions import MlflowException
+
     interrupted = True
     try:
         quiet_libraries()
@@ -140,8 +149,13 @@ def run_sweep(config: Config, resume: bool = False) -> SweepSummary:
         tuner = build_tuner(config, experiment_id, parent, resume)
         tuner.fit()
         interrupted = False
+    except MlflowException as error:  # the tracking server went away mid-sweep: no buffering, a clear stop
+        raise SweepError(tracking_lost(config, error)) from None
     finally:
-        records.close_running(config, experiment_id, parent, status="KILLED" if interrupted else "FINISHED")
+        try:
+            records.close_running(config, experiment_id, parent, status="KILLED" if interrupted else "FINISHED")
+        except MlflowException as error:
+            log.warning("%s", tracking_lost(config, error))
     try:  # plots/optimisation_history.png, param_importances.png on the parent run; never fail a sweep
         from spine_ml.plots.sweep import log_sweep_plots
 
