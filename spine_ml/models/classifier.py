@@ -41,7 +41,9 @@ class SpineClassifier(nn.Module):
         self.backbone = backbone
         self.slices = slices
         self.slice_pooling = slice_pooling
-        features = backbone.num_features
+        # timm's pooled output width: head_hidden_size where a pre-logits layer follows the pooling
+        # (MobileNetV3's conv_head gives 1024 from 288 channels), num_features otherwise
+        features = getattr(backbone, "head_hidden_size", None) or backbone.num_features
         self.slice_attention = nn.Linear(features, 1) if slice_pooling == "attention" else None
         self.dropout = nn.Dropout(drop_rate)
         # All group heads as one linear layer: one matmul instead of three, then a gather.
