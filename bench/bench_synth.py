@@ -45,14 +45,21 @@ def _save(name: str, payload: dict) -> None:
 def bench_speed(args: argparse.Namespace) -> None:
     from spine_ml.synth.generate import generate_dataset
 
+    import resource
+
+    def cpu_seconds() -> float:  # this process and its finished workers
+        return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                     resource.getrusage(resource.RUSAGE_CHILDREN)))
+
     out = Path(tempfile.mkdtemp(prefix="synth_speed_"))
     try:
-        cpu = time.process_time()
+        cpu, load_before = cpu_seconds(), os.getloadavg()[0]
         summary = generate_dataset(out / "data", args.studies, 0, args.seed, args.image_size, args.workers)
-        _save("speed", {"studies": args.studies, "image_size": args.image_size, "workers": args.workers or os.cpu_count(),
-                        "files": summary.files, "seconds": round(summary.seconds, 1),
-                        "parent_cpu_seconds": round(time.process_time() - cpu, 1),
-                        "load_average": os.getloadavg()})
+        cpu = cpu_seconds() - cpu
+        _save("speed", {"studies": args.studies, "image_size": args.image_size, "workers": args.workers or "all cores",
+                        "cores": os.cpu_count(), "files": summary.files, "seconds": round(summary.seconds, 1),
+                        "cpu_seconds": round(cpu, 1), "cpu_seconds_per_study": round(cpu / args.studies, 3),
+                        "load_average_before_after": [round(load_before, 1), round(os.getloadavg()[0], 1)]})
     finally:
         shutil.rmtree(out, ignore_errors=True)
 

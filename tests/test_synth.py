@@ -12,7 +12,6 @@ import pandas as pd
 import pydicom
 import pytest
 
-from spine_ml.competition import metric
 from spine_ml.competition import vocabulary as V
 from spine_ml.competition.tables import read_coordinates, read_series_descriptions, read_train_labels
 
@@ -23,10 +22,11 @@ LAYOUT_TOOL = SHARED / "tools" / "check_kaggle_layout.py"
 
 
 def _headers(root: Path, split: str) -> pd.DataFrame:
-    """One row per DICOM file of a split, with the tags the tests look at."""
+    """One row per DICOM file of a split (each one read and decoded), with the tags the tests look at."""
     rows = []
     for path in sorted((root / f"{split}_images").glob("*/*/*.dcm")):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = pydicom.dcmread(path)
+        assert ds.pixel_array.shape == (ds.Rows, ds.Columns), path  # every file decodes
         iop = np.array(ds.ImageOrientationPatient, dtype=float)
         rows.append({"study_id": int(path.parts[-3]), "series_id": int(path.parts[-2]), "file": int(path.stem),
                      "instance": int(ds.InstanceNumber), "rows": ds.Rows, "cols": ds.Columns,
@@ -256,11 +256,13 @@ def test_generated_frequencies_follow_the_real_table():
     assert 0.005 < blank_rate < 0.03  # real: 1.16% of cells
 
 
-def test_default_difficulty_oracle_and_prior(tmp_path):
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_default_difficulty_oracle_and_prior(tmp_path, seed):
+    """400 studies: oracle ~0.30, prior ~0.79 (over 20 seeds: 0.292 +- 0.018 and 0.791 +- 0.012)."""
     from spine_ml.synth.scoring import score_pair
     from spine_ml.synth.writer import write_labels, write_oracle
 
-    results = _label_only(400, seed=0)
+    results = _label_only(400, seed=seed)
     write_labels(tmp_path / "train.csv", results)
     write_oracle(tmp_path / "oracle.csv", results)
     oracle, prior = score_pair(tmp_path / "train.csv", tmp_path / "oracle.csv")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from spine_ml.errors import UserError
-from spine_ml.synth.study import TEST_IRREGULARITIES, TRAIN_IRREGULARITIES, StudyResult, StudyTask, make_study
+from spine_ml.synth.study import TRAIN_IRREGULARITIES, StudyResult, StudyTask, make_study
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,8 @@ def _run(tasks: list[StudyTask], workers: int) -> list[StudyResult]:
 
     quiet = os.environ.get("SPINE_ML_QUIET") == "1"
     if not workers:  # all cores, but a spawned process only pays for itself over a few studies
-        workers = min(len(os.sched_getaffinity(0)), -(-len(tasks) // 4))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = min(cores, -(-len(tasks) // 4))
     workers = min(workers, len(tasks))
     progress = tqdm(total=len(tasks), desc="synth studies", unit="study", disable=quiet)
     results = []

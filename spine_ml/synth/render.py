@@ -74,12 +74,41 @@ class _Points:
         self.image[index] = part.image
 
 
-def tissue_signal(spine: Spine, contrast: Contrast, points: np.ndarray, edge: float) -> np.ndarray:
-    """Noise-free signal (0..~1) at (N, 3) patient points."""
-    c = contrast
+def _frame_points(spine: Spine, points: np.ndarray) -> _Points:
     t, n, side = spine.to_frame(points)
-    image = np.zeros(len(points), dtype=np.float32)
-    # the torso in patient coordinates: subcutaneous fat over muscle; the back is flatter than the spine
+    return _Points(t=t, n=n, side=side, image=np.zeros(len(points), dtype=np.float32),
+                   body=np.clip(np.searchsorted(spine.disc_centre, t), 0, len(spine.body_top) - 1),
+                   disc=np.clip(np.searchsorted((spine.disc_centre[:-1] + spine.disc_centre[1:]) / 2, t),
+                                0, len(spine.disc_centre) - 1))
+
+
+def tissue_signal(spine: Spine, contrast: Contrast, points: np.ndarray, edge: float,
+                  extra_samples: tuple[np.ndarray, ...] = ()) -> np.ndarray:
+    """Noise-free signal (0..~1) at (N, 3) patient points.
+
+    ``extra_samples``: shifts (3-vectors) at which the spine itself is sampled again and averaged
+    in (partial volume across a slice); the soft tissues around it change too slowly to need it."""
+    every = _frame_points(spine, points)
+    _soft_tissues(spine, contrast, every, points, edge)
+    posterior_sac = spine.canal_centre_n + spine.canal_half_depth
+    background = every.image
+    samples = [every] + [_frame_points(spine, points + shift) for shift in extra_samples]
+    total = np.zeros_like(background)
+    for sample in samples:
+        sample.image = background.copy()
+        zone = np.flatnonzero((np.abs(sample.side) < 42) & (sample.n > -30) & (sample.n < posterior_sac + 30))
+        if len(zone):
+            part = sample.take(zone)
+            _spine(spine, contrast, part, edge)
+            sample.put(zone, part)
+        total += sample.image
+    return total / len(samples)
+
+
+def _soft_tissues(spine: Spine, c: Contrast, p: _Points, points: np.ndarray, edge: float) -> None:
+    """The torso (in patient coordinates: the back is flatter than the spine), subcutaneous fat,
+    muscle, belly, retroperitoneal fat, the great vessels and the psoas."""
+    image, n, side = p.image, p.n, p.side
     back = spine.back_skin_y(points[:, 2])
     depth = (spine.skin_n + 150.0) / 2
     outline = _ellipse(points[:, 0] - spine.midline_x, points[:, 1] - (back - depth), 165.0, depth).astype(np.float32)
@@ -87,7 +116,6 @@ def tissue_signal(spine: Spine, contrast: Contrast, points: np.ndarray, edge: fl
     _paint(image, _ramp(outline - spine.fat_thickness, edge), c["muscle"])
     mean_depth, mean_width = float(spine.body_half_depth[2:7].mean()), float(spine.body_half_width[2:7].mean())
     inside = _ramp(outline - 5.0, edge)
-    # belly: bowel loops as a slow ripple of the signal; retroperitoneal fat around the spine
     belly = _ramp(_ellipse(side, n + mean_depth + 95.0, 140.0, 85.0), 6.0) * inside
     _paint(image, belly, c["viscera"])
     in_belly = np.flatnonzero(belly > 0)
@@ -97,22 +125,11 @@ def tissue_signal(spine: Spine, contrast: Contrast, points: np.ndarray, edge: fl
     plane = np.abs(_ellipse(np.abs(side) - spine.canal_half_width - 6.0,
                             n - spine.canal_centre_n - spine.canal_half_depth - 20.0, 13.0, 20.0))
     _paint(image, 0.8 * _ramp(0.7 - plane, edge) * inside, c["fat"])
-    every = _Points(t=t, n=n, side=side, image=image,
-                    body=np.clip(np.searchsorted(spine.disc_centre, t), 0, len(spine.body_top) - 1),
-                    disc=np.clip(np.searchsorted((spine.disc_centre[:-1] + spine.disc_centre[1:]) / 2, t),
-                                 0, len(spine.disc_centre) - 1))
     front_zone = np.flatnonzero((np.abs(side) < 75) & (n > -60) & (n < 20))
     if len(front_zone):
-        part = every.take(front_zone)
+        part = p.take(front_zone)
         _vessels_and_psoas(spine, c, part, edge)
-        every.put(front_zone, part)
-    posterior_sac = spine.canal_centre_n + spine.canal_half_depth
-    spine_zone = np.flatnonzero((np.abs(side) < 42) & (n > -30) & (n < posterior_sac + 30))
-    if len(spine_zone):
-        part = every.take(spine_zone)
-        _spine(spine, c, part, edge)
-        every.put(spine_zone, part)
-    return image
+        p.put(front_zone, part)
 
 
 def _bowel_loops(spine: Spine, points: np.ndarray) -> np.ndarray:
@@ -282,14 +299,13 @@ def render_slice(spine: Spine, contrast: Contrast, acquisition: Acquisition, pla
 
     points = plane.pixel_points()
     edge = float(max(plane.row_spacing, plane.col_spacing))
-    signal = np.zeros(points.shape[:2], dtype=np.float32)
-    # partial volume across the slice: two samples where structures change fast across it
-    # (sagittal slices cut the canal and foramina side to side), one on axial slices
-    offsets = (-0.25 * thickness, 0.25 * thickness) if abs(plane.normal[0]) > 0.7 else (0.0,)
-    for offset in offsets:
-        shifted = (points + offset * plane.normal).reshape(-1, 3)
-        signal += tissue_signal(spine, contrast, shifted, edge).reshape(signal.shape)
-    signal /= len(offsets)
+    # partial volume across the slice: the spine sampled twice where it changes fast across the
+    # slice (sagittal slices cut the canal and foramina side to side), once on axial slices
+    if abs(plane.normal[0]) > 0.7:
+        first, extra = (points - 0.25 * thickness * plane.normal).reshape(-1, 3), (0.5 * thickness * plane.normal,)
+    else:
+        first, extra = points.reshape(-1, 3), ()
+    signal = tissue_signal(spine, contrast, first, edge, extra).reshape(points.shape[:2])
     signal = gaussian_filter(signal, 0.5)
     texture = 1.0 + 0.35 * gaussian_filter(rng.standard_normal(signal.shape, dtype=np.float32), 1.5)
     signal = signal * _bias(acquisition, plane) * texture

@@ -17,7 +17,8 @@ from spine_ml.synth.anatomy import LEFT, RIGHT, Spine, make_spine
 from spine_ml.synth.render import make_acquisition, make_contrast, render_slice
 from spine_ml.synth.series import SEQUENCE_TAGS, SeriesSpec, plan_axial, plan_sagittal, study_sizes
 
-# Irregularities: (name, rate in a study). Each also appears at least once per generation (plan.py).
+# Irregularities: name -> rate per study. generate.py also forces each train one (and the test-only
+# ones) onto at least one study of every generation.
 TRAIN_IRREGULARITIES = {
     "blank_labels": None,            # from the label model (axial coverage starting below L1/L2)
     "two_axial_series": 0.15,
