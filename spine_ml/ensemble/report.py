@@ -24,7 +24,7 @@ from spine_ml.ensemble.select import Member
 if TYPE_CHECKING:
     from spine_ml.config import Config
 
-KIND_TAG = "spine_ml.run_kind"
+from spine_ml.tracking.store import RUN_KIND_TAG as KIND_TAG
 
 
 @dataclass

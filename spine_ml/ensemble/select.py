@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from spine_ml.config import Config
 
 log = logging.getLogger(__name__)
-KIND_TAG = "spine_ml.run_kind"
+from spine_ml.tracking.store import RUN_KIND_TAG as KIND_TAG
 STATE_TAG = "spine_ml.trial_state"
 MEMBER_KINDS = ("trial", "train")
 OOF_ARTIFACT = "oof.csv"

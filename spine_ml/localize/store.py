@@ -1,6 +1,6 @@
 """Localizer runs in MLflow: log a trained localizer, find and load one for prediction.
 
-A localizer run carries the tag ``spine_ml.kind=localizer``, params ``localizer.*``, the metrics of
+A localizer run carries the tag ``spine_ml.run_kind=localizer``, params ``localizer.*``, the metrics of
 `localize.metrics` (held-out studies) and the artifact folder ``localizer/`` (localizer.pt +
 localizer.yaml), which `load_localizer` reads.
 """
@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from spine_ml.errors import UserError
+from spine_ml.tracking.store import RUN_KIND_TAG
 
 log = logging.getLogger(__name__)
 KIND = "localizer"
@@ -32,7 +33,7 @@ def log_localizer(config, result, run_name: str | None = None) -> str:
     mlflow_client = client(config)
     experiment_id = ensure_experiment(config)
     run = mlflow_client.create_run(experiment_id, run_name=run_name or f"localizer-{config.localizer.backbone}",
-                                   tags={"spine_ml.kind": KIND, "spine_ml.backbone": config.localizer.backbone})
+                                   tags={RUN_KIND_TAG: KIND, "spine_ml.backbone": config.localizer.backbone})
     run_id = run.info.run_id
     try:
         now = int(time.time() * 1000)
@@ -57,7 +58,7 @@ def latest_localizer_run(config) -> str:
     from spine_ml.tracking.store import client, ensure_experiment, tracking_uri
 
     experiment_id = ensure_experiment(config)
-    runs = client(config).search_runs([experiment_id], filter_string=f"tags.`spine_ml.kind` = '{KIND}' and "
+    runs = client(config).search_runs([experiment_id], filter_string=f"tags.`{RUN_KIND_TAG}` = '{KIND}' and "
                                       "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
                                       max_results=1)
     if not runs:
@@ -68,17 +69,10 @@ def latest_localizer_run(config) -> str:
 
 
 def download_localizer(config, run_id: str, folder: Path) -> Path:
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
+    from spine_ml.tracking.store import download_artifact
 
-    from spine_ml.tracking.store import tracking_uri
-
-    try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=ARTIFACT_FOLDER,
-                                                        dst_path=str(folder), tracking_uri=tracking_uri(config)))
-    except (MlflowException, OSError) as error:
-        raise LocalizerNotFound(f"localizer run {run_id}: cannot fetch its {ARTIFACT_FOLDER}/ artifacts from "
-                                f"{tracking_uri(config)} ({error}); is it a localizer run of this store?") from None
+    return download_artifact(config, run_id, ARTIFACT_FOLDER, folder, LocalizerNotFound,
+                             "is it a localizer run of this store?")
 
 
 def folder_key(folder: Path) -> str:

@@ -23,17 +23,10 @@ class RunNotFound(UserError):
 
 
 def _download(config, run_id: str, artifact_path: str, folder: Path) -> Path:
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
+    from spine_ml.tracking.store import download_artifact
 
-    from spine_ml.tracking.store import tracking_uri
-
-    try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
-                                                        dst_path=str(folder), tracking_uri=tracking_uri(config)))
-    except (MlflowException, OSError) as error:
-        raise RunNotFound(f"run {run_id}: cannot fetch artifact {artifact_path!r} from {tracking_uri(config)} "
-                          f"({str(error)[:300]}); is it a finished trial run of this tracking store?") from None
+    return download_artifact(config, run_id, artifact_path, folder, RunNotFound,
+                             "is it a finished trial run of this tracking store?")
 
 
 def run_config(config, run_id: str, folder: Path):

@@ -14,7 +14,7 @@ from spine_ml.config import Config
 SWEEP_TAG = "spine_ml.sweep"
 TRIAL_TAG = "spine_ml.trial_id"
 STATE_TAG = "spine_ml.trial_state"  # finished | pruned | failed
-KIND_TAG = "spine_ml.run_kind"  # sweep | trial | train | ensemble
+from spine_ml.tracking.store import RUN_KIND_TAG as KIND_TAG
 
 
 def client(config: Config):

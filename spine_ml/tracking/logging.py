@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from spine_ml.competition import vocabulary as V
-from spine_ml.tracking.store import client, ensure_experiment
+from spine_ml.tracking.store import RUN_KIND_TAG, client, ensure_experiment
 
 if TYPE_CHECKING:
     from spine_ml.config import Config
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 PARAM_SECTIONS = ("data", "prepare", "model", "loss", "train", "cv")
 NOT_PARAMS = {"prepare.workers", "prepare.cache_dir", "train.num_workers", "train.device", "train.precision"}
 EPOCH_METRICS = ("train_loss", "val_loss", "val_score") + tuple(f"val_{g}" for g in V.METRIC_PARTS[1:])
-RUN_KIND_TAG = "spine_ml.run_kind"  # trial (sweep) | train (`spine-ml train`) | sweep | ensemble
 MLFLOW_BATCH = 500  # log_batch accepts at most 1000 metrics and 100 params per call
 
 

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 STORE_FOLDER = "mlruns"
+# Every run the project logs says what it is: trial (sweep) | train | sweep | ensemble | localizer
+RUN_KIND_TAG = "spine_ml.run_kind"
 MIN_FREE_MB = 64  # below this a trial cannot store its fold checkpoints; fail before training instead
 
 
@@ -113,6 +115,20 @@ def ensure_experiment(config: Config) -> str:
             f"MLflow experiment {name!r} in {uri} is deleted; restore it (`mlflow experiments restore "
             f"--experiment-id {existing.experiment_id}`) or set tracking.experiment to a new name")
     return existing.experiment_id
+
+
+def download_artifact(config: Config, run_id: str, artifact_path: str, folder: Path, error: type[Exception],
+                      hint: str) -> Path:
+    """One artifact (file or folder) of a run into `folder`; a failure is `error` naming the run and `hint`."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                        dst_path=str(folder), tracking_uri=tracking_uri(config)))
+    except (MlflowException, OSError) as failure:
+        raise error(f"run {run_id}: cannot fetch artifact {artifact_path!r} from {tracking_uri(config)} "
+                    f"({str(failure)[:300]}); {hint}") from None
 
 
 def log_trial(config: Config, result, run_name: str | None = None, tags: dict[str, str] | None = None,
