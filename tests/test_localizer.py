@@ -112,3 +112,25 @@ def test_unknown_backbone_is_a_clear_error():
 
     with pytest.raises(ModelError, match="resnet10"):
         L.build_localizer(LocalizerConfig(backbone="resnet10x"))
+
+
+def test_ordered_decoder_gives_each_disc_to_the_level_whose_peak_it_is():
+    """Per-channel arg-max crops the wrong disc when a level's channel fires higher on its neighbour;
+    the ordered decoder keeps the levels head to foot, so the neighbour's disc goes to its own level."""
+    from spine_ml.localize.infer import Site, ordered_levels
+
+    stack = make_stack(SAGITTAL, [0.0, -30.0, 60.0], rows=60, pixel=(1.0, 1.0))  # rows run head -> foot
+    disc_rows = [5.0, 15.0, 25.0, 35.0, 45.0]
+
+    def site(row, score):
+        return Site(1, stack, 2, 20.0, row, score)
+
+    candidates = [[site(r, 0.9 if k == j else 0.1) for j, r in enumerate(disc_rows)] for k in range(5)]
+    candidates[3] = [site(45.0, 0.7), site(35.0, 0.6), site(25.0, 0.1)]  # L4/L5 fires higher on L5/S1
+    independent = [max(c, key=lambda s: s.score).y for c in candidates]
+    assert independent[3] == independent[4] == 45.0  # the bug the decoder exists for
+    decoded = ordered_levels(candidates)
+    assert [s.y for s in decoded] == disc_rows
+    # no head-to-foot ordering at all (every channel only on one disc) -> None (caller falls back)
+    assert ordered_levels([[site(25.0, 0.9)] for _ in range(5)]) is None
+    assert ordered_levels([[site(5.0, 0.9)], [], [], [], []]) is None

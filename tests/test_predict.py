@@ -161,3 +161,20 @@ def test_unknown_run_is_a_clear_error(trained, capsys):
     _, config_path, _, _ = trained
     assert main(["predict", str(config_path), "--run", "0123456789abcdef0123456789abcdef"]) == 2
     assert "0123456789abcdef" in capsys.readouterr().err
+
+
+def test_localizer_run_is_scored_on_the_synthetic_test_split(trained, tiny_data):
+    """Synthetic data carries the test split's true points (test_label_coordinates.csv): the
+    localizer run logs `test_*` metrics over every readable labelled test point."""
+    from spine_ml.competition import tables
+    from spine_ml.config import load_config
+    from spine_ml.tracking.store import client
+
+    project, config_path, run_id, localizer_id = trained
+    metrics = client(load_config(config_path)).get_run(localizer_id).data.metrics
+    points = tables.read_coordinates(tiny_data / "test_label_coordinates.csv")
+    assert 0 < metrics["test_points"] <= len(points)
+    assert metrics["test_points"] >= 0.8 * len(points)  # only unreadable series' points are left out
+    for key in ("test_correct_level_rate", "test_correct_slice_rate", "test_found_rate"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["test_mean_error_mm"] > 0

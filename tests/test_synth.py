@@ -12,6 +12,7 @@ import pandas as pd
 import pydicom
 import pytest
 
+from spine_ml.competition import tables
 from spine_ml.competition import vocabulary as V
 from spine_ml.competition.tables import read_coordinates, read_series_descriptions, read_train_labels
 
@@ -57,6 +58,12 @@ def test_layout_columns_and_readers(tiny_data):
     assert list(pd.read_csv(tiny_data / "test_labels.csv").columns) == ["study_id", *V.LABEL_COLUMNS]
     assert list(pd.read_csv(tiny_data / "train_label_coordinates.csv").columns) == [
         "study_id", "series_id", "instance_number", "condition", "level", "x", "y"]
+    # the test split's hidden coordinates (they score the localizer): test studies and series only
+    test_points = tables.read_coordinates(tiny_data / "test_label_coordinates.csv")
+    test_series = pd.read_csv(tiny_data / "test_series_descriptions.csv")
+    assert len(test_points) > 0
+    assert set(test_points.study_id) <= set(test_series.study_id)
+    assert set(test_points.series_id) <= set(test_series.series_id)
     for name in ("train_series_descriptions.csv", "test_series_descriptions.csv"):
         assert list(pd.read_csv(tiny_data / name).columns) == ["study_id", "series_id", "series_description"]
     labels = read_train_labels(tiny_data / "train.csv")

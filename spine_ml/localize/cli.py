@@ -22,8 +22,11 @@ def cli(args) -> int:
         run_id = log_localizer(config, result)
     print(f"localizer run {run_id}: {len(result.train_studies)} train / {len(result.holdout_studies)} held-out "
           f"studies, {result.samples} samples, {result.wall_seconds:.0f} s")
-    for key in ("mean_error_mm", "p90_error_mm", "correct_level_rate", "correct_slice_rate", "found_rate"):
+    keys = ("mean_error_mm", "p90_error_mm", "correct_level_rate", "correct_slice_rate", "found_rate")
+    print(f"{'':<20} {'held-out':>9} {'test':>9}" if "test_points" in result.metrics else f"{'':<20} {'held-out':>9}")
+    for key in keys:
         if key in result.metrics:
-            print(f"{key:<20} {result.metrics[key]:.4f}")
+            test = result.metrics.get(f"test_{key}")
+            print(f"{key:<20} {result.metrics[key]:>9.4f}" + (f" {test:>9.4f}" if test is not None else ""))
     print(f"use it: spine-ml predict {args.config} --run RUN_ID --localizer {run_id}")
     return 0

@@ -1,9 +1,11 @@
 """Find every (condition, level) of a study without coordinates: the site each crop is cut around.
 
-- Sagittal T2/STIR: per level, the slice and point where the spinal channel peaks highest.
-- Sagittal T1: per level and side, the highest foraminal peak among the slices on that side of the
-  midline (patient +x is Left; the midline is the spinal points' x when T2 was read, else the
-  middle of the T1 stack).
+- Sagittal T2/STIR: the five spinal level channels decoded together (`decode_levels`): each
+  channel's strongest local maxima over the slices are candidates, and the levels take the
+  candidates with the highest summed log peak heights that run head to foot. A channel firing
+  higher on the neighbouring disc (the commonest error) then loses that disc to its own level.
+- Sagittal T1: the same per side, among the slices on that side of the midline (patient +x is
+  Left; the midline is the spinal points' x when T2 was read, else the middle of the T1 stack).
 - Axial T2: each level's point (spinal, else the midpoint of the two foramina) is projected into
   every axial stack with the DICOM geometry; the stack whose plane passes closest (with the point
   inside its image) gives the slice, and the subarticular channels refine the left/right points
@@ -89,23 +91,75 @@ def _peak_site(series_id: int, stack: Stack, maps: np.ndarray, slice_indices, gr
                 float(L.from_grid(v, stack.rows, grid)), float(maps[n, row, column]))
 
 
-def _best(sites: list[Site]) -> Site | None:
-    return max(sites, key=lambda s: s.score) if sites else None
+CANDIDATES = 6  # local maxima per level channel that the ordered decoder considers
+MIN_LEVEL_GAP_MM = 6.0  # consecutive levels' points at least this far apart along the spine (discs: ~25-40 mm)
+
+
+def _candidates(series_id: int, stack: Stack, maps: np.ndarray, slice_indices, grid: int) -> list[Site]:
+    """Up to CANDIDATES sites of one channel's maps (n, grid, grid): the local maxima (3x3 cells) of
+    its best-slice projection, highest first, each refined sub-cell on its own slice."""
+    from scipy.ndimage import maximum_filter
+
+    projection, best_slice = maps.max(axis=0), maps.argmax(axis=0)
+    peaks = np.argwhere((projection == maximum_filter(projection, size=3, mode="constant")) & (projection > 0))
+    peaks = peaks[np.argsort(-projection[peaks[:, 0], peaks[:, 1]], kind="stable")][:CANDIDATES]
+    sites = []
+    for row, column in peaks:
+        n = int(best_slice[row, column])
+        v, u = L.refine_peak(maps[n], int(row), int(column))
+        sites.append(Site(series_id, stack, int(slice_indices[n]), float(L.from_grid(u, stack.columns, grid)),
+                          float(L.from_grid(v, stack.rows, grid)), float(projection[row, column])))
+    return sites
+
+
+def ordered_levels(candidates: list[list[Site]]) -> list[Site] | None:
+    """One site per level (LEVELS order, head to foot) maximising the summed log peak heights with
+    every level below the previous one: a level channel that also fires on a neighbouring disc
+    (the commonest localizer error, a crop of the wrong disc) loses that disc to the channel whose
+    peak it is. The axis is patient +z (superior in DICOM's LPS). None when no ordering exists."""
+    if any(not c for c in candidates):
+        return None
+    heights = [np.array([s.point[2] for s in c]) for c in candidates]
+    gains = [np.log(np.clip([s.score for s in c], 1e-6, None)) for c in candidates]
+    best, back = gains[0], []
+    for k in range(1, len(candidates)):
+        allowed = heights[k - 1][None, :] - heights[k][:, None] >= MIN_LEVEL_GAP_MM  # (this, previous)
+        total = np.where(allowed, best[None, :], -np.inf)
+        back.append(total.argmax(axis=1))
+        best = total.max(axis=1) + gains[k]
+    if not np.isfinite(best.max()):
+        return None
+    path = [int(best.argmax())]
+    for pointers in reversed(back):
+        path.append(int(pointers[path[-1]]))
+    return [c[i] for c, i in zip(candidates, reversed(path))]
+
+
+def decode_levels(series_id: int, stack: Stack, maps: np.ndarray, slice_indices, grid: int,
+                  channels) -> tuple[list[Site], float]:
+    """The five level sites of one stack from its level channels (ordered when an ordering exists,
+    else each channel's own arg-max) and their summed log heights (to compare stacks)."""
+    candidates = [_candidates(series_id, stack, maps[:, channel], slice_indices, grid) for channel in channels]
+    sites = ordered_levels(candidates)
+    if sites is None:
+        sites = [_peak_site(series_id, stack, maps[:, channel], slice_indices, grid) for channel in channels]
+    return sites, float(sum(np.log(max(s.score, 1e-6)) for s in sites))
 
 
 def localize_spinal(localizer: Localizer, series_id: int, stacks: list[Stack]) -> dict[str, Site]:
-    found: dict[str, list[Site]] = {lv: [] for lv in V.LEVELS}
+    decoded = []
     for stack in stacks:
         maps = localizer.heatmaps(stack)
-        for k, level in enumerate(V.LEVELS):
-            found[level].append(_peak_site(series_id, stack, maps[:, L.SPINAL_CHANNELS[k]], range(stack.slices),
-                                           localizer.grid))
-    return {level: _best(sites) for level, sites in found.items() if sites}
+        decoded.append(decode_levels(series_id, stack, maps, range(stack.slices), localizer.grid, L.SPINAL_CHANNELS))
+    if not decoded:
+        return {}
+    sites, _ = max(decoded, key=lambda d: d[1])
+    return dict(zip(V.LEVELS, sites))
 
 
 def localize_foramina(localizer: Localizer, series_id: int, stacks: list[Stack],
                       midline_x: float | None) -> dict[tuple[str, str], Site]:
-    found: dict[tuple[str, str], list[Site]] = {}
+    decoded: dict[str, list] = {}
     for stack in stacks:
         maps = localizer.heatmaps(stack)
         centres_x = S.slice_centres(stack)[:, 0]
@@ -113,10 +167,13 @@ def localize_foramina(localizer: Localizer, series_id: int, stacks: list[Stack],
         on_left = centres_x > middle if LEFT_IS_POSITIVE_X else centres_x < middle
         for condition, side in ((LEFT_FORAMEN, on_left), (RIGHT_FORAMEN, ~on_left)):
             slices = np.flatnonzero(side) if side.any() else np.arange(stack.slices)
-            for k, level in enumerate(V.LEVELS):
-                site = _peak_site(series_id, stack, maps[slices, L.FORAMINAL_CHANNELS[k]], slices, localizer.grid)
-                found.setdefault((condition, level), []).append(site)
-    return {key: _best(sites) for key, sites in found.items()}
+            decoded.setdefault(condition, []).append(
+                decode_levels(series_id, stack, maps[slices], slices, localizer.grid, L.FORAMINAL_CHANNELS))
+    found = {}
+    for condition, options in decoded.items():
+        sites, _ = max(options, key=lambda d: d[1])
+        found.update({(condition, level): site for level, site in zip(V.LEVELS, sites)})
+    return found
 
 
 def level_points(sites: dict[tuple[str, str], Site]) -> dict[str, np.ndarray]:

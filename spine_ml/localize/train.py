@@ -27,6 +27,7 @@ AUGMENT_ROTATE_DEG = 8.0
 NEGATIVE_SHARE = 0.35  # share of the slices without any target peak used in each epoch (easy negatives)
 CHECKPOINT = "localizer.pt"
 SETTINGS = "localizer.yaml"
+TEST_COORDINATES = "test_label_coordinates.csv"  # synthetic data only: the test split's true points
 
 
 @dataclass
@@ -194,12 +195,28 @@ def train_localizer(config, output_dir: Path, progress: bool | None = None) -> L
     history = fit(model, samples, cfg, device, progress)
     folder = save_localizer(model, config, Path(output_dir))
     metrics: dict[str, float] = {"train_loss": history[-1]["train_loss"]}
+    localizer = Localizer(model, cfg, tuple(config.prepare.percentiles), str(device), cfg.batch_size)
+    root = config.path(config.data.root)
     if holdout_ids:
-        localizer = Localizer(model, cfg, tuple(config.prepare.percentiles), str(device), cfg.batch_size)
-        metrics.update(evaluate_localizer(localizer, config.path(config.data.root), holdout_ids))
+        metrics.update(evaluate_localizer(localizer, root, holdout_ids))
+    metrics.update(test_split_metrics(localizer, root))
     torch.cuda.empty_cache() if device.type == "cuda" else None
     return LocalizerResult(metrics, folder, history, train_ids, holdout_ids, time.perf_counter() - started,
                            len(samples))
+
+
+def test_split_metrics(localizer, root: Path) -> dict[str, float]:
+    """`test_`-prefixed metrics on the test split where its hidden coordinates exist (synthetic data:
+    test_label_coordinates.csv); {} on real data."""
+    from spine_ml.competition import tables
+    from spine_ml.localize.metrics import evaluate_localizer
+
+    if not (root / TEST_COORDINATES).is_file() or not (root / "test_series_descriptions.csv").is_file():
+        return {}
+    studies = sorted(set(tables.read_series_descriptions(root / "test_series_descriptions.csv").study_id.tolist()))
+    metrics = evaluate_localizer(localizer, root, studies, images="test_images", coordinates_csv=TEST_COORDINATES,
+                                 series_csv="test_series_descriptions.csv")
+    return {f"test_{key}": value for key, value in metrics.items()}
 
 
 def load_localizer(folder: Path | str, device: str = "cpu", batch_size: int = 32):

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 DATASET_ENTRIES = ("train.csv", "train_label_coordinates.csv", "train_series_descriptions.csv", "train_images",
                    "test_series_descriptions.csv", "test_images", "sample_submission.csv",
-                   "oracle_train.csv", "oracle_test.csv", "test_labels.csv")
+                   "oracle_train.csv", "oracle_test.csv", "test_labels.csv", "test_label_coordinates.csv")
 SERIES_IDS_PER_STUDY = 5
 # Forced at least once per generation, so every small data set meets every code path.
 FORCED_TEST = ("no_axial", "no_spacing_tags")

@@ -129,9 +129,10 @@ def _landmark(spine: Spine, condition: str, level: str) -> np.ndarray:
 
 
 def _coordinates(task: StudyTask, spine: Spine, planned: list[SeriesSpec], truth: labels.StudyTruth,
-                 rng: np.random.Generator) -> list[tuple]:
+                 rng: np.random.Generator, exact: bool = False) -> list[tuple]:
     """One row per labelled (condition, level) whose series exists: the evidence's centre on the
-    slice through it, with click noise and, rarely, the neighbouring level's point."""
+    slice through it, with click noise and, rarely, the neighbouring level's point (train); `exact`
+    (the test split's hidden truth, which scores the localizer) keeps the true point."""
     rows = []
     for condition in V.CONDITIONS:
         description = V.CONDITION_INFO[condition].series
@@ -140,6 +141,8 @@ def _coordinates(task: StudyTask, spine: Spine, planned: list[SeriesSpec], truth
             if truth.labels[truth.row(condition, level)] < 0:
                 continue
             shown = level
+            if exact:
+                noise, wrong = np.zeros(2), 1.0
             if wrong < WRONG_LEVEL_RATE:
                 shown = V.LEVELS[int(np.clip(li + step, 0, len(V.LEVELS) - 1))]
             point = _landmark(spine, condition, shown)
@@ -173,6 +176,8 @@ def make_study(task: StudyTask) -> StudyResult:
         result.series.append((spec.series_id, spec.description))
     if task.split == "train" and "no_coordinates" not in flags:
         result.coordinates = _coordinates(task, spine, planned, truth, coordinate_rng)
+    elif task.split == "test":
+        result.coordinates = _coordinates(task, spine, planned, truth, coordinate_rng, exact=True)
     if (truth.labels < 0).any():
         flags.add("blank_labels")
     result.irregularities = flags

@@ -1,4 +1,5 @@
-"""The CSV side of the synthetic data set: the competition's files plus our oracle and test labels.
+"""The CSV side of the synthetic data set: the competition's files plus our oracle, test labels and
+test coordinates (the hidden truths that score a submission and the localizer).
 
 Spellings come from spine_ml.competition.vocabulary only; the files read back with
 spine_ml.competition.tables, and the submission-layout ones go through the project's writer.
@@ -75,4 +76,5 @@ def write_tables(out: Path, results: list[StudyResult]) -> None:
     write_oracle(out / "oracle_train.csv", train)
     write_oracle(out / "oracle_test.csv", test)
     write_labels(out / "test_labels.csv", test)
+    write_coordinates(out / "test_label_coordinates.csv", test)  # hidden truth: scores the localizer
     write_labels(out / "train.csv", train)  # last: its presence marks a complete data set
