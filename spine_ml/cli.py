@@ -80,6 +80,16 @@ def _predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="submission.csv")
 
 
+def _export(p: argparse.ArgumentParser) -> None:
+    _config(p)
+    p.add_argument("--out", required=True, help="bundle folder to write (must not exist or be empty)")
+    p.add_argument("--ensemble", metavar="RUN_ID", help="ensemble run to export (default: the newest)")
+    p.add_argument("--localizer", metavar="RUN_ID", help="localizer run (default: the newest localizer run)")
+    p.add_argument("--half", action="store_true", help="store checkpoints as float16 (about half the size)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip running the bundle on the config's test studies (its per-study cost stays unmeasured)")
+
+
 def _score(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truth", required=True, help="train.csv layout or solution layout")
     p.add_argument("--submission", required=True, help="row_id,normal_mild,moderate,severe")
@@ -116,6 +126,8 @@ VERBS: tuple[Verb, ...] = (
          "spine-ml train-localizer sweeps/demo.yaml", "spine_ml.localize.cli:cli", _train),
     Verb("predict", "test-time inference from raw test studies to submission rows",
          "spine-ml predict sweeps/demo.yaml --run RUN_ID --out submission.csv", "spine_ml.predict.run:cli", _predict),
+    Verb("export", "bundle an ensemble for Kaggle: wheel, checkpoints, manifest, predict.py, submission.ipynb",
+         "spine-ml export sweeps/demo.yaml --out bundle/ --half", "spine_ml.export.bundle:cli", _export),
     Verb("score", "the competition metric with its four parts",
          "spine-ml score --truth data/train.csv --submission oof.csv --json", "spine_ml.competition.commands:score_cli", _score),
     Verb("validate", "check a submission's format against the expected studies",

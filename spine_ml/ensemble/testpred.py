@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from spine_ml.competition import vocabulary as V
+from spine_ml.competition.submission import normalised_frame
 from spine_ml.ensemble.objective import CONDITION_INDEX, align_predictions
 from spine_ml.ensemble.select import TEST_PREDICTIONS_ARTIFACT
 from spine_ml.errors import UserError
@@ -62,15 +63,22 @@ def store_predictions(mlflow_client, run_id: str, name: str, frame: pd.DataFrame
         mlflow_client.log_artifact(run_id, str(path), artifact_path=CACHE_FOLDER)
 
 
+def member_predict_config(config: Config, run_id: str, folder: Path) -> Config:
+    """The config a member predicts the test set with (here and in an exported bundle): the run's own,
+    with this config's predict, tracking and localizer device settings."""
+    from spine_ml.predict.run import run_config
+
+    return run_config(config, run_id, folder).with_updates({
+        "predict": config.predict.model_dump(mode="json"), "tracking": config.tracking.model_dump(mode="json"),
+        "localizer.device": config.localizer.device})
+
+
 def predict_member(config: Config, member: Member, localizer, data_root: Path, studies: list[int]) -> pd.DataFrame:
-    """Run the member's fold models over the test studies, as `spine-ml predict --run` does: the
-    member's own config, with this config's predict, tracking and localizer device settings."""
-    from spine_ml.predict.run import predict_studies, run_checkpoints, run_config
+    """Run the member's fold models over the test studies, as `spine-ml predict --run` does."""
+    from spine_ml.predict.run import predict_studies, run_checkpoints
 
     with tempfile.TemporaryDirectory(prefix="ensemble-member-") as folder:
-        member_config = run_config(config, member.run_id, Path(folder)).with_updates({
-            "predict": config.predict.model_dump(mode="json"), "tracking": config.tracking.model_dump(mode="json"),
-            "localizer.device": config.localizer.device})
+        member_config = member_predict_config(config, member.run_id, Path(folder))
         checkpoints = run_checkpoints(config, member.run_id, Path(folder))
         return predict_studies(member_config, checkpoints, localizer, data_root, studies)
 
@@ -94,6 +102,13 @@ def member_test_predictions(config: Config, member: Member, localizer, data_root
 
 def submission_row_ids(studies: list[int]) -> np.ndarray:
     return np.array([row for study in studies for row in V.study_row_ids(study)])
+
+
+def blended_frame(row_ids: np.ndarray, member_probabilities: np.ndarray, blend) -> pd.DataFrame:
+    """Submission frame of a blend: (members, rows, 3) probabilities aligned to `row_ids` -> weighted,
+    calibrated per condition, normalised. The one blending step of the ensemble and of a bundle."""
+    conditions = np.array([CONDITION_INDEX[V.parse_row_id(r)[1]] for r in row_ids])
+    return normalised_frame(row_ids, blend.apply(member_probabilities, conditions))
 
 
 def score_on_test_labels(summary: EnsembleSummary, data_root: Path, frames: dict[int, pd.DataFrame],
@@ -156,14 +171,13 @@ def chosen_test_predictions(config: Config, summary: EnsembleSummary, test: Test
 def write_submission(config: Config, summary: EnsembleSummary, out: Path, test: TestSet,
                      arrays: dict[int, np.ndarray]) -> Path:
     """Blend and calibrate the chosen members' test predictions, write, validate, score if labelled."""
-    from spine_ml.competition.submission import normalised_frame, validate_submission, write_predictions
+    from spine_ml.competition.submission import validate_submission, write_predictions
 
     row_ids = submission_row_ids(test.studies)
     stacked = np.zeros((len(summary.members), len(row_ids), 3))
     for index, values in arrays.items():
         stacked[index] = values
-    conditions = np.array([CONDITION_INDEX[V.parse_row_id(r)[1]] for r in row_ids])
-    blended = normalised_frame(row_ids, summary.chosen.blend.apply(stacked, conditions))
+    blended = blended_frame(row_ids, stacked, summary.chosen.blend)
     path = write_predictions(blended, out)
     problems = validate_submission(path, test.studies)
     if problems:

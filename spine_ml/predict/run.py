@@ -1,4 +1,5 @@
-"""`spine-ml predict CONFIG --run RUN_ID [--localizer RUN_ID] [--data DIR] [--out submission.csv]`.
+"""`spine-ml predict CONFIG --run RUN_ID [--localizer RUN_ID] [--data DIR] [--out submission.csv]`, or
+`spine-ml predict --bundle DIR [--data DIR] [--out submission.csv]` (spine_ml.export.run).
 
 Loads the run's resolved config.yaml and fold checkpoints from MLflow, predicts every study of
 DIR/test_series_descriptions.csv (predict_studies), writes the submission through the one writer
@@ -78,8 +79,10 @@ def cli(args) -> int:
     from spine_ml.progress import quiet_library_bars
 
     quiet_library_bars()  # -q: MLflow's download bars too
-    if args.bundle:
-        raise UserError("--bundle is not supported by this build; use --run RUN_ID (and --localizer RUN_ID)")
+    if args.bundle:  # an exported bundle: no config, no MLflow store
+        from spine_ml.export.run import cli as bundle_cli
+
+        return bundle_cli(args)
     if not args.config or not args.run:
         raise UserError("spine-ml predict needs a config and --run RUN_ID, e.g. "
                         "spine-ml predict sweeps/demo.yaml --run 3f2a... --out submission.csv")
