@@ -134,3 +134,20 @@ def test_ordered_decoder_gives_each_disc_to_the_level_whose_peak_it_is():
     # no head-to-foot ordering at all (every channel only on one disc) -> None (caller falls back)
     assert ordered_levels([[site(25.0, 0.9)] for _ in range(5)]) is None
     assert ordered_levels([[site(5.0, 0.9)], [], [], [], []]) is None
+
+
+def test_spacing_term_pulls_an_end_level_back_from_the_disc_beyond():
+    """L1/L2's channel firing higher on T12/L1 keeps the order intact, so only the spacing term
+    (discs are near evenly spaced) can catch it; without it the first level jumps a disc."""
+    from spine_ml.localize.infer import Site, ordered_levels
+
+    stack = make_stack(SAGITTAL, [0.0, -30.0, 60.0], rows=70, pixel=(1.0, 1.0))
+    disc_rows = [15.0, 25.0, 35.0, 45.0, 55.0]  # T12/L1 sits at row 5
+
+    def site(row, score):
+        return Site(1, stack, 2, 20.0, row, score)
+
+    candidates = [[site(r, 0.9)] for r in disc_rows]
+    candidates[0] = [site(5.0, 0.8), site(15.0, 0.6)]
+    assert [s.y for s in ordered_levels(candidates, spacing_weight=0.0)] == [5.0] + disc_rows[1:]
+    assert [s.y for s in ordered_levels(candidates)] == disc_rows

@@ -93,6 +93,7 @@ def _peak_site(series_id: int, stack: Stack, maps: np.ndarray, slice_indices, gr
 
 CANDIDATES = 6  # local maxima per level channel that the ordered decoder considers
 MIN_LEVEL_GAP_MM = 6.0  # consecutive levels' points at least this far apart along the spine (discs: ~25-40 mm)
+SPACING_WEIGHT = 2.0  # log-height cost of a gap between levels unlike the others (see ordered_levels)
 
 
 def _candidates(series_id: int, stack: Stack, maps: np.ndarray, slice_indices, grid: int) -> list[Site]:
@@ -112,27 +113,45 @@ def _candidates(series_id: int, stack: Stack, maps: np.ndarray, slice_indices, g
     return sites
 
 
-def ordered_levels(candidates: list[list[Site]]) -> list[Site] | None:
+def ordered_levels(candidates: list[list[Site]], spacing_weight: float = None) -> list[Site] | None:
     """One site per level (LEVELS order, head to foot) maximising the summed log peak heights with
     every level below the previous one: a level channel that also fires on a neighbouring disc
     (the commonest localizer error, a crop of the wrong disc) loses that disc to the channel whose
-    peak it is. The axis is patient +z (superior in DICOM's LPS). None when no ordering exists."""
+    peak it is. The axis is patient +z (superior in DICOM's LPS). None when no ordering exists.
+
+    A second pass adds `spacing_weight` x log(gap / median gap)^2 per step: lumbar discs are close
+    to evenly spaced, so an end level that jumped to the disc beyond (T12/L1 for L1/L2) leaves a
+    gap far from the others and costs more than its slightly weaker true peak."""
+    spacing_weight = SPACING_WEIGHT if spacing_weight is None else spacing_weight
     if any(not c for c in candidates):
         return None
     heights = [np.array([s.point[2] for s in c]) for c in candidates]
     gains = [np.log(np.clip([s.score for s in c], 1e-6, None)) for c in candidates]
-    best, back = gains[0], []
-    for k in range(1, len(candidates)):
-        allowed = heights[k - 1][None, :] - heights[k][:, None] >= MIN_LEVEL_GAP_MM  # (this, previous)
-        total = np.where(allowed, best[None, :], -np.inf)
-        back.append(total.argmax(axis=1))
-        best = total.max(axis=1) + gains[k]
-    if not np.isfinite(best.max()):
+
+    def decode(expected_gap: float | None) -> list[int] | None:
+        best, back = gains[0], []
+        for k in range(1, len(candidates)):
+            gap = heights[k - 1][None, :] - heights[k][:, None]  # (this, previous)
+            step = np.where(gap >= MIN_LEVEL_GAP_MM, 0.0, -np.inf)
+            if expected_gap:
+                step = step - spacing_weight * np.log(np.clip(gap, 1e-3, None) / expected_gap) ** 2
+            total = best[None, :] + step
+            back.append(total.argmax(axis=1))
+            best = total.max(axis=1) + gains[k]
+        if not np.isfinite(best.max()):
+            return None
+        path = [int(best.argmax())]
+        for pointers in reversed(back):
+            path.append(int(pointers[path[-1]]))
+        return path[::-1]
+
+    path = decode(None)
+    if path is None:
         return None
-    path = [int(best.argmax())]
-    for pointers in reversed(back):
-        path.append(int(pointers[path[-1]]))
-    return [c[i] for c, i in zip(candidates, reversed(path))]
+    if spacing_weight > 0:
+        gaps = [heights[k][path[k]] - heights[k + 1][path[k + 1]] for k in range(len(path) - 1)]
+        path = decode(float(np.median(gaps))) or path
+    return [c[i] for c, i in zip(candidates, path)]
 
 
 def decode_levels(series_id: int, stack: Stack, maps: np.ndarray, slice_indices, grid: int,
