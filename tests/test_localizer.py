@@ -151,3 +151,14 @@ def test_spacing_term_pulls_an_end_level_back_from_the_disc_beyond():
     candidates[0] = [site(5.0, 0.8), site(15.0, 0.6)]
     assert [s.y for s in ordered_levels(candidates, spacing_weight=0.0)] == [5.0] + disc_rows[1:]
     assert [s.y for s in ordered_levels(candidates)] == disc_rows
+
+
+def test_suggested_jitter_matches_the_localizer_error_through_the_real_augmentation():
+    from spine_ml.config import AugmentConfig
+    from spine_ml.localize.metrics import suggested_shift_px
+    from spine_ml.prepare.augment import draw_jitters
+
+    shift = suggested_shift_px(p90_error_mm=4.8, pixel_mm=1.2)  # 4 cache px at 1.2 mm/px
+    jitters = draw_jitters(np.random.default_rng(0), AugmentConfig(shift_px=shift), 20000)
+    offsets_mm = np.hypot([j.shift_x for j in jitters], [j.shift_y for j in jitters]) * 1.2
+    assert np.percentile(offsets_mm, 90) == pytest.approx(4.8, rel=0.02)

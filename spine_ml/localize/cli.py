@@ -28,5 +28,11 @@ def cli(args) -> int:
         if key in result.metrics:
             test = result.metrics.get(f"test_{key}")
             print(f"{key:<20} {result.metrics[key]:>9.4f}" + (f" {test:>9.4f}" if test is not None else ""))
+    if result.metrics.get("p90_error_mm", float("nan")) == result.metrics.get("p90_error_mm"):
+        from spine_ml.localize.metrics import suggested_shift_px
+
+        shift = suggested_shift_px(result.metrics["p90_error_mm"], config.prepare.pixel_mm)
+        print(f"classifier coordinate jitter to match it: --set train.augment.shift_px={shift:.1f} "
+              f"(now {config.train.augment.shift_px:g}; uniform +-s px has a p90 offset of 1.11 s)")
     print(f"use it: spine-ml predict {args.config} --run RUN_ID --localizer {run_id}")
     return 0

@@ -19,6 +19,7 @@ from spine_ml.competition import tables
 from spine_ml.competition import vocabulary as V
 
 log = logging.getLogger(__name__)
+UNIFORM_SQUARE_P90 = 1.1147  # p90 of the radial offset of a uniform jitter in [-1, 1]^2 (simulated, 10^6 draws)
 
 
 def true_points(localization, coordinates: pd.DataFrame) -> pd.DataFrame:
@@ -96,3 +97,10 @@ def score_localizer(localizer, root: Path, studies, images: str = "train_images"
 
 def evaluate_localizer(localizer, root: Path, studies, **files) -> dict[str, float]:
     return summarise(score_localizer(localizer, root, studies, **files))
+
+
+def suggested_shift_px(p90_error_mm: float, pixel_mm: float) -> float:
+    """The classifier's coordinate jitter (`train.augment.shift_px`, uniform +-s cache pixels per
+    axis) whose 90th-percentile offset equals the localizer's p90 point error: training crops then
+    miss their centre as often and as far as test-time crops do (the winners' "crucial" jitter)."""
+    return float(p90_error_mm) / (UNIFORM_SQUARE_P90 * float(pixel_mm))
