@@ -49,6 +49,40 @@ def test_figures(config: Config, submission: Path) -> TestFigures | None:
                        oracle=score(truth, oracle).score)
 
 
+def member_test_lines(config: Config, summary, localizer: str) -> list[str]:
+    """Per chosen member: its OOF score (true coordinates) against its test score (localised crops),
+    read from the test predictions the ensemble just cached on the member's run."""
+    import pandas as pd
+
+    from spine_ml.competition.metric import score
+    from spine_ml.competition.tables import read_train_labels
+    from spine_ml.ensemble.testpred import member_test_predictions, prepare_test_set
+
+    root = config.path(config.data.root)
+    if not (root / "test_labels.csv").is_file():
+        return []
+    truth = read_train_labels(root / "test_labels.csv")
+    test = prepare_test_set(config, localizer)
+    lines = []
+    for index in summary.chosen.members:
+        member = summary.members[index]
+        frame = member_test_predictions(config, member, test.localizer, test.data_root, test.studies, test.key)
+        test_score = score(truth, frame).score
+        lines.append(f"  member {member.short_id} ({member.backbone}): OOF {member.logged_score:.4f} | test "
+                     f"{test_score:.4f} ({100 * (test_score / member.logged_score - 1):+.0f}%)")
+    return lines
+
+
+def localizer_line(config: Config, run_id: str) -> str:
+    from spine_ml.tracking.store import client
+
+    metrics = client(config).get_run(run_id).data.metrics
+    parts = [f"{name} correct-level {metrics[key + 'correct_level_rate']:.3f}, mean error "
+             f"{metrics[key + 'mean_error_mm']:.1f} mm" for name, key in (("held-out", ""), ("test split", "test_"))
+             if key + "correct_level_rate" in metrics]
+    return f"localizer {run_id}: " + "; ".join(parts)
+
+
 def ensure_localizer(config: Config, config_path: str) -> str:
     """The newest localizer run of the experiment, trained now when there is none."""
     from spine_ml.localize.store import LocalizerNotFound, latest_localizer_run
@@ -95,9 +129,12 @@ def run(config_path: str, overrides: list[str]) -> int:
         print(f"best trial {best['run_id']}: OOF score {best['score']:.4f} (spinal {best['spinal']:.4f}, "
               f"foraminal {best['foraminal']:.4f}, subarticular {best['subarticular']:.4f}, "
               f"any_severe_spinal {best['any_severe_spinal']:.4f})")
+    print(localizer_line(config, localizer))
     chosen = outcome.summary.chosen
     print(f"ensemble {outcome.run_id}: {len(chosen.members)} member(s), cross-validated OOF score "
           f"{chosen.cv_parts['score']:.4f}")
+    for line in member_test_lines(config, outcome.summary, localizer):
+        print(line)
     if figures:
         print(f"test split: ensemble {figures.ensemble:.4f} | best constant prior {figures.prior:.4f} | "
               f"oracle {figures.oracle:.4f} -> {100 * figures.gap_closed:.0f}% of the prior->oracle gap closed")
