@@ -103,7 +103,13 @@ _TAGS = {  # keyword -> (group, element), looked up once instead of per file
     "ImagePositionPatient": 0x00200032, "ImageOrientationPatient": 0x00200037, "PixelSpacing": 0x00280030,
     "RescaleSlope": 0x00281053, "RescaleIntercept": 0x00281052, "SliceThickness": 0x00180050,
     "SpacingBetweenSlices": 0x00180088, "InstanceNumber": 0x00200013, "PhotometricInterpretation": 0x00280004,
+    "NumberOfFrames": 0x00280008,
 }
+_PIXEL_US_TAGS = {  # the unsigned-short image pixel tags pydicom's decoder needs, as its option names
+    "rows": 0x00280010, "columns": 0x00280011, "samples_per_pixel": 0x00280002, "bits_allocated": 0x00280100,
+    "bits_stored": 0x00280101, "pixel_representation": 0x00280103,
+}
+_PIXEL_DATA = 0x7FE00010
 
 
 def _tag_values(dataset, keyword: str) -> list[str] | None:
@@ -139,6 +145,56 @@ def _float(dataset, keyword: str) -> float | None:
     return None if values is None else float(values[0])
 
 
+def _unsigned_short(dataset, tag: int) -> int | None:
+    element = dataset.get_item(tag)
+    if element is None:
+        return None
+    value = element.value
+    if isinstance(value, (bytes, bytearray)):  # raw, and only little-endian syntaxes come here
+        return int.from_bytes(value, "little") if len(value) == 2 else None
+    return value if isinstance(value, int) else None
+
+
+def _pixel_options(dataset, syntax) -> dict | None:
+    """pydicom's decode options of a single-frame, single-sample image, read from the raw tags;
+    None when the file is anything else (pixel_array then handles it)."""
+    if not syntax.is_little_endian:
+        return None
+    options = {name: _unsigned_short(dataset, tag) for name, tag in _PIXEL_US_TAGS.items()}
+    photometric = _tag_values(dataset, "PhotometricInterpretation")
+    frames = _tag_values(dataset, "NumberOfFrames")
+    if None in options.values() or options["samples_per_pixel"] != 1 or photometric is None or \
+            frames not in (None, ["1"]) or "ExtendedOffsetTable" in dataset:
+        return None
+    element = dataset.get_item(_PIXEL_DATA)
+    if element is None or not isinstance(element.value, (bytes, bytearray)):
+        return None
+    options.update(photometric_interpretation=photometric[0], number_of_frames=1, pixel_keyword="PixelData",
+                   pixel_vr=element.VR or "OW")
+    return options
+
+
+def pixel_values(dataset) -> np.ndarray:
+    """The same array as `dataset.pixel_array`, at a fraction of its cost on small images.
+
+    `pixel_array` converts every image-pixel tag through pydicom's element machinery (twice, to
+    check its cache) before it decodes: that cost more than the decode itself. Here pydicom's own
+    decoder for the transfer syntax gets the pixel bytes and the tags read raw, so decoding,
+    plugins, validation and the unused-bits correction are pydicom's. Anything unusual (big-endian,
+    several frames or samples, a missing tag) and any failure go through `pixel_array` as before.
+    """
+    try:
+        syntax = dataset.file_meta.TransferSyntaxUID
+        options = _pixel_options(dataset, syntax)
+        if options is not None:
+            from pydicom.pixels import get_decoder
+
+            return get_decoder(syntax).as_array(dataset.get_item(_PIXEL_DATA).value, **options)[0]
+    except Exception:  # noqa: BLE001 - pixel_array below raises the error a user should see, or succeeds
+        pass
+    return dataset.pixel_array
+
+
 def read_slice(path: Path) -> SliceFile:
     """Decode one file; SliceError says why it cannot be used."""
     import struct
@@ -160,7 +216,7 @@ def read_slice(path: Path) -> SliceFile:
     except ValueError as error:
         raise SliceError(str(error)) from None
     try:
-        raw = dataset.pixel_array
+        raw = pixel_values(dataset)
     except Exception as error:  # noqa: BLE001 - decoders raise many types; any of them means "skip this file"
         raise SliceError(f"pixel data cannot be decoded ({type(error).__name__}: {error})") from None
     if raw.ndim != 2:

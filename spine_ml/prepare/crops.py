@@ -52,10 +52,13 @@ def linear_taps(coords: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray
     (index0, weight0, index1, weight1). Taps outside the region get weight 0 (they read as fill)."""
     floor = np.floor(coords)
     fraction = coords - floor
-    index0, index1 = floor.astype(np.int64), floor.astype(np.int64) + 1
-    weight0 = np.where((index0 >= 0) & (index0 < length), 1.0 - fraction, 0.0).astype(np.float32)
-    weight1 = np.where((index1 >= 0) & (index1 < length), fraction, 0.0).astype(np.float32)
-    return np.clip(index0, 0, length - 1), weight0, np.clip(index1, 0, length - 1), weight1
+    index0 = floor.astype(np.int64)
+    index1 = index0 + 1
+    # ufuncs, not np.where/np.clip: this runs twice per sample and their wrappers cost more than the work
+    weight0 = ((1.0 - fraction) * ((index0 >= 0) & (index0 < length))).astype(np.float32)
+    weight1 = (fraction * ((index1 >= 0) & (index1 < length))).astype(np.float32)
+    return (np.minimum(np.maximum(index0, 0), length - 1), weight0,
+            np.minimum(np.maximum(index1, 0), length - 1), weight1)
 
 
 def _window(centres: np.ndarray, half_extent: float, margin: int, size: int) -> tuple[int, int]:
@@ -65,11 +68,18 @@ def _window(centres: np.ndarray, half_extent: float, margin: int, size: int) -> 
 
 
 def _resample(region: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Bilinear samples of region (k, H, W) on the grid rows × cols: two gathers per axis."""
+    """Bilinear samples of region (k, H, W) on the grid rows × cols: two gathers per axis. rows and
+    cols are (n,) for one grid shared by every slice, or (k, n) for a grid per slice."""
     r0, u0, r1, u1 = linear_taps(rows, region.shape[1])
     c0, v0, c1, v1 = linear_taps(cols, region.shape[2])
-    by_rows = region[:, r0, :] * u0[None, :, None] + region[:, r1, :] * u1[None, :, None]
-    return by_rows[:, :, c0] * v0[None, None, :] + by_rows[:, :, c1] * v1[None, None, :]
+    if rows.ndim == 1:
+        by_rows = region[:, r0, :] * u0[None, :, None] + region[:, r1, :] * u1[None, :, None]
+        return by_rows[:, :, c0] * v0[None, None, :] + by_rows[:, :, c1] * v1[None, None, :]
+    # one gather for all slices, each on its own grid: the same products as slice by slice
+    k = np.arange(len(region))[:, None]
+    by_rows = region[k, r0] * u0[:, :, None] + region[k, r1] * u1[:, :, None]
+    k, n = k[:, :, None], np.arange(by_rows.shape[1])[None, :, None]
+    return by_rows[k, n, c0[:, None, :]] * v0[:, None, :] + by_rows[k, n, c1[:, None, :]] * v1[:, None, :]
 
 
 def _sample_patches(volume: np.ndarray, points: np.ndarray, step: np.ndarray, size: int, fill: float) -> np.ndarray:
@@ -94,11 +104,10 @@ def _sample_patches(volume: np.ndarray, points: np.ndarray, step: np.ndarray, si
         from scipy.ndimage import gaussian_filter
 
         region = gaussian_filter(region, sigma=(0.0, sigma[0], sigma[1]), mode="nearest", truncate=3.0)
-    if np.all(points == points[0]):  # the usual case: neighbours share the in-plane origin
+    if np.all(points == points[0]):  # neighbours share the in-plane origin: one grid for all
         patches = _resample(region, points[0, 1] + offsets * step[0] - r0, points[0, 0] + offsets * step[1] - c0)
     else:
-        patches = np.concatenate([_resample(region[k:k + 1], y + offsets * step[0] - r0, x + offsets * step[1] - c0)
-                                  for k, (x, y) in enumerate(points)])
+        patches = _resample(region, points[:, 1:2] + offsets * step[0] - r0, points[:, 0:1] + offsets * step[1] - c0)
     return patches + np.float32(fill)
 
 
@@ -115,11 +124,13 @@ def crop_sample(stack: Stack, slice_index: int, x: float, y: float, prepare_cfg)
     step = prepare_cfg.pixel_mm / np.asarray(stack.pixel_spacing, dtype=np.float64)
     centre = stack.pixel_to_patient(slice_index, x, y)
     indices = neighbour_slices(slice_index, prepare_cfg.slices, stack.slices)
-    relative = centre[None, :] - stack.positions[indices]
+    # the neighbours are a run of slices (edge slices repeat): resample each once, from a view of the
+    # stack, so only the region around the point is ever copied
+    first, last = int(indices[0]), int(indices[-1]) + 1
+    relative = centre[None, :] - stack.positions[first:last]
     points = np.stack([relative @ stack.row_direction / stack.pixel_spacing[1],
                        relative @ stack.column_direction / stack.pixel_spacing[0]], axis=1)
-    unique, inverse = np.unique(indices, return_inverse=True)  # edge slices repeat: resample each once
-    patches = _sample_patches(stack.pixels[unique], points[np.searchsorted(indices, unique)], step,
-                              prepare_cfg.patch_px, fill=low)[inverse.reshape(-1)]
+    patches = _sample_patches(stack.pixels[first:last], points, step, prepare_cfg.patch_px,
+                              fill=low)[indices - first]
     patches = (patches - low) * (1.0 / (high - low))
     return np.clip(patches, 0.0, 1.0).astype(np.float16)
