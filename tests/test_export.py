@@ -18,11 +18,11 @@ from spine_ml.competition import vocabulary as V
 
 LOCALIZER_SETTINGS = """\
 localizer:
-  input_px: 64
+  input_px: 48
   epochs: 1
   batch_size: 32
   holdout_fraction: 0.25
-  max_studies: 8
+  max_studies: 4
 predict:
   crops_dir: data/test-crops
 """
@@ -30,15 +30,16 @@ COLUMNS = list(V.PROBABILITY_COLUMNS)
 HALF_TOLERANCE = 2e-3  # float16 weights move a probability by well under this on the tiny models
 
 
-# The ensemble on the tiny runs usually keeps one member as it is; `blended` sets a two-member blend with
-# temperatures so that weights and calibration are exercised too.
+MEMBER_SETTINGS = ["train.max_batches_per_epoch=2"]
+# The ensemble of tiny runs keeps one member as it is; `blended` (slow) trains a second member and sets
+# a two-member blend with temperatures, so that weights and calibration are exercised too.
 BLEND_WEIGHTS = (0.65, 0.35)
 BLEND_TEMPERATURES = (1.4, 0.7, 1.0, 1.25, 0.85)  # per V.CONDITIONS
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_data):
-    """(project, config path): two `spine-ml train` runs and a localizer in the project's own store."""
+    """(project, config path): a `spine-ml train` run and a localizer in the project's own store."""
     with pytest.MonkeyPatch.context() as patch:  # the project's own store, whatever the shell says
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         yield train_runs(tmp_path_factory.mktemp("export-project"), tiny_data)
@@ -54,9 +55,7 @@ def train_runs(project: Path, tiny_data: Path) -> tuple[Path, Path]:
     (project / "sweeps").mkdir()
     config_path = project / "sweeps" / "tiny.yaml"
     config_path.write_text(TINY_CONFIG.format(data=tiny_data) + LOCALIZER_SETTINGS)
-    config = load_config(config_path, ["train.max_batches_per_epoch=2"])
-    train(config, progress=False)
-    train(config.with_updates({"model.crop_px": 16, "train.seed": 1}), progress=False)
+    train(load_config(config_path, MEMBER_SETTINGS), progress=False)
     assert main(["-q", "train-localizer", str(config_path)]) == 0
     return project, config_path
 
@@ -91,9 +90,11 @@ def blended(store, exported):
     from spine_ml.ensemble.testpred import (chosen_test_predictions, prepare_test_set, submission_row_ids,
                                             write_submission)
     from spine_ml.ensemble.weights import Blend
+    from spine_ml.training.cli import train
 
     project, config_path = store
     config = load_config(config_path)
+    train(load_config(config_path, [*MEMBER_SETTINGS, "model.crop_px=16", "train.seed=1"]), progress=False)
     test = prepare_test_set(config)
     members = select_members(config, top_k=2, prediction_key=test.key)
     truth = read_truth(config)
@@ -149,6 +150,7 @@ def test_bundle_entry_script_in_a_clean_folder_writes_the_ensemble_submission(ex
     assert {p: p.stat().st_mtime_ns for p in (clean / "bundle").rglob("*")} == before  # read-only use
 
 
+@pytest.mark.slow
 def test_bundle_blends_with_the_ensemble_weights_and_temperatures(blended, exported, tiny_data, tmp_path):
     from spine_ml.export.run import predict_bundle
 
@@ -183,7 +185,7 @@ def test_manifest_records_the_ensemble_members_localizer_and_versions(exported):
     [localizer] = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
                                      "tags.`spine_ml.run_kind` = 'localizer'")
     assert manifest["localizer"]["run_id"] == localizer.info.run_id
-    assert manifest["localizer"]["settings"]["localizer"]["input_px"] == 64
+    assert manifest["localizer"]["settings"]["localizer"]["input_px"] == 48
     for member in manifest["members"]:
         assert member["prepare"] == {"slices": 3, "patch_mm": 32.0, "pixel_mm": 1.0, "percentiles": [1.0, 99.5]}
         assert member["config"]["tracking"]["uri"] is None
