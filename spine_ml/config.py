@@ -126,6 +126,9 @@ class Resources(Section):
 
 class SweepConfig(Section):
     name: str = "sweep"
+    target: Literal["classifier", "localizer"] = Field(
+        "classifier", description="what the trials train: the classifier (run_trial, OOF score) or the level "
+        "localizer (train_localizer, held-out mean_error_mm; search: holds only localizer.* keys)")
     num_samples: int = Field(8, ge=1)
     max_concurrent: int = Field(2, ge=1)
     max_failures: int = Field(1, ge=0)
