@@ -3,6 +3,12 @@
 A localizer run carries the tag ``spine_ml.run_kind=localizer``, params ``localizer.*``, the metrics of
 `localize.metrics` (held-out studies) and the artifact folder ``localizer/`` (localizer.pt +
 localizer.yaml), which `load_localizer` reads.
+
+Which localizer predict/ensemble/demo use by default (`latest_localizer_run`): the most recent *choice*.
+A `spine-ml train-localizer` run is a choice when it is logged; the trials of a localizer sweep
+(`sweep.target: localizer`, runs with a parent) are not, except the one the sweep picks as its best,
+which carries ``spine_ml.localizer_chosen`` = the time it was picked (ms). `--localizer RUN_ID` still
+takes any localizer run, trial or not.
 """
 from __future__ import annotations
 
@@ -18,22 +24,29 @@ from spine_ml.tracking.store import RUN_KIND_TAG
 log = logging.getLogger(__name__)
 KIND = "localizer"
 ARTIFACT_FOLDER = "localizer"
+CHOSEN_TAG = "spine_ml.localizer_chosen"  # ms since epoch when a sweep chose this trial as its best
+PARENT_TAG = "mlflow.parentRunId"
 
 
 class LocalizerNotFound(UserError):
     """No localizer run or folder where one was named or expected."""
 
 
-def log_localizer(config, result, run_name: str | None = None) -> str:
-    """One MLflow run for a trained localizer; returns its run id."""
+def log_localizer(config, result, run_name: str | None = None, parent_run_id: str | None = None,
+                  tags: dict[str, str] | None = None) -> str:
+    """One MLflow run for a trained localizer; returns its run id. A sweep trial passes its sweep's
+    parent run and trial tags (such a run is not picked by `latest_localizer_run` until chosen)."""
     from mlflow.entities import Metric, Param, RunStatus
 
     from spine_ml.tracking.store import client, ensure_experiment
 
     mlflow_client = client(config)
     experiment_id = ensure_experiment(config)
+    run_tags = {**(tags or {}), RUN_KIND_TAG: KIND, "spine_ml.backbone": config.localizer.backbone}
+    if parent_run_id:
+        run_tags[PARENT_TAG] = parent_run_id
     run = mlflow_client.create_run(experiment_id, run_name=run_name or f"localizer-{config.localizer.backbone}",
-                                   tags={RUN_KIND_TAG: KIND, "spine_ml.backbone": config.localizer.backbone})
+                                   tags=run_tags)
     run_id = run.info.run_id
     try:
         now = int(time.time() * 1000)
@@ -54,18 +67,37 @@ def log_localizer(config, result, run_name: str | None = None) -> str:
     return run_id
 
 
+def chosen_at(run) -> int | None:
+    """When a finished localizer run became the default (ms), or None for a sweep trial never chosen."""
+    tags = run.data.tags
+    if tags.get(CHOSEN_TAG, "").isdigit():
+        return int(tags[CHOSEN_TAG])
+    return None if tags.get(PARENT_TAG) else run.info.start_time  # train-localizer: logged once trained
+
+
 def latest_localizer_run(config) -> str:
+    """The most recently chosen localizer: a `train-localizer` run, or the best trial of a localizer sweep."""
     from spine_ml.tracking.store import client, ensure_experiment, tracking_uri
 
     experiment_id = ensure_experiment(config)
     runs = client(config).search_runs([experiment_id], filter_string=f"tags.`{RUN_KIND_TAG}` = '{KIND}' and "
                                       "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
-                                      max_results=1)
-    if not runs:
+                                      max_results=10000)
+    chosen = [(when, run.info.run_id) for run in runs if (when := chosen_at(run)) is not None]
+    if not chosen:
+        unchosen = f" ({len(runs)} sweep trials, none chosen: finish the sweep with `spine-ml sweep CONFIG --resume`)" \
+            if runs else ""
         raise LocalizerNotFound(
-            f"no finished localizer run in experiment {config.tracking.experiment!r} of {tracking_uri(config)}; "
-            f"train one with `spine-ml train-localizer CONFIG`, or pass --localizer RUN_ID")
-    return runs[0].info.run_id
+            f"no finished localizer run in experiment {config.tracking.experiment!r} of {tracking_uri(config)}"
+            f"{unchosen}; train one with `spine-ml train-localizer CONFIG`, or pass --localizer RUN_ID")
+    return max(chosen)[1]
+
+
+def choose_localizer(config, run_id: str) -> None:
+    """Make a sweep's best localizer trial the default of `latest_localizer_run` (from now on)."""
+    from spine_ml.tracking.store import client
+
+    client(config).set_tag(run_id, CHOSEN_TAG, str(int(time.time() * 1000)))
 
 
 def download_localizer(config, run_id: str, folder: Path) -> Path:

@@ -75,11 +75,10 @@ def error_summary(text: str) -> str:
 class LiveTable(Callback):
     """One line per event: trial, key params, fold-0 epoch and score, final score, state."""
 
-    HEADER = f"{'time':>6}  {'trial':<14} {'state':<9} {'epoch':>5} {'fold0':>7} {'score':>7}  params"
-
-    def __init__(self, search_keys: list[str], quiet: bool = False):
+    def __init__(self, search_keys: list[str], quiet: bool = False, score_label: str = "score"):
         # no stream kept: Ray pickles callbacks into the sweep state, and sys.stdout is looked up per line
         self.search_keys = search_keys
+        self.score_label = score_label
         self.quiet = quiet
         self.start = time.time()
         self.printed_header = False
@@ -88,7 +87,8 @@ class LiveTable(Callback):
         if self.quiet:
             return
         if not self.printed_header:
-            print(self.HEADER, file=sys.stdout)
+            label = getattr(self, "score_label", "score")  # absent in the state of a sweep started before it
+            print(f"{'time':>6}  {'trial':<14} {'state':<9} {'epoch':>5} {'fold0':>7} {label:>7}  params", file=sys.stdout)
             self.printed_header = True
         params = " ".join(
             f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
@@ -108,7 +108,7 @@ class LiveTable(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
         if "final" in last:
-            self._line(trial, "finished", score=f"{last['score']:.4f}")
+            self._line(trial, "finished", score=f"{last['objective']:.4f}")  # the score, or a localizer's mm
         else:
             fold0 = f"{last['val_score']:.4f}" if "val_score" in last else ""
             self._line(trial, "pruned", f"{last.get('epoch', '')}/{last.get('epochs', '')}", fold0)

@@ -17,6 +17,12 @@ STATE_TAG = "spine_ml.trial_state"  # finished | pruned | failed
 from spine_ml.tracking.store import RUN_KIND_TAG as KIND_TAG
 
 
+def trial_kind(config: Config) -> str:
+    """The run kind of a trial: `trial` (a classifier, an ensemble candidate) or `localizer` (so that
+    --localizer RUN_ID and latest_localizer_run see it)."""
+    return "localizer" if config.sweep.target == "localizer" else "trial"
+
+
 def client(config: Config):
     from spine_ml.tracking.store import client as store_client
 
@@ -54,7 +60,7 @@ def parent_run(config: Config, experiment_id: str, resume: bool) -> str:
 
 
 def trial_runs(config: Config, experiment_id: str, status: str | None = None) -> list:
-    query = f"tags.`{SWEEP_TAG}` = '{config.sweep.name}' and tags.`{KIND_TAG}` = 'trial'"
+    query = f"tags.`{SWEEP_TAG}` = '{config.sweep.name}' and tags.`{KIND_TAG}` = '{trial_kind(config)}'"
     if status:
         query += f" and attributes.status = '{status}'"
     return client(config).search_runs([experiment_id], filter_string=query, max_results=10000)
@@ -72,7 +78,7 @@ def log_stopped_trial(config: Config, experiment_id: str, parent_run_id: str, tr
                       history: list[dict[str, Any]], error: str | None = None) -> str:
     """A run for a trial that ended without logging itself: pruned by ASHA, or failed."""
     mlflow = client(config)
-    tags = {SWEEP_TAG: config.sweep.name, KIND_TAG: "trial", TRIAL_TAG: trial_id, STATE_TAG: state,
+    tags = {SWEEP_TAG: config.sweep.name, KIND_TAG: trial_kind(config), TRIAL_TAG: trial_id, STATE_TAG: state,
             "mlflow.parentRunId": parent_run_id}
     if history:
         tags["spine_ml.reached"] = f"fold 0, epoch {history[-1].get('epoch')}"

@@ -1,7 +1,9 @@
 """`spine-ml sweep`: Ray Tune + OptunaSearch (TPE, seeded) + ASHA over the YAML search space.
 
 The driver prepares the data and the crop cache once, opens the sweep's parent MLflow run, then
-hands trials to Ray. Each trial is `run_trial` behind `trainable.run_sweep_trial`.
+hands trials to Ray. Each trial is `run_trial` behind `trainable.run_sweep_trial` — or, with
+`sweep.target: localizer`, `train_localizer` behind `localizer.run_localizer_trial` (FIFO, no crop
+cache; the best trial becomes the default localizer, see sweep/localizer.py).
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ class SweepSummary:
     finished: list[dict] = field(default_factory=list)  # {run_id, trial_id, score, parts..., params}
     pruned: int = 0
     failed: int = 0
+    target: str = "classifier"
+    chosen_localizer: str | None = None  # localizer sweeps: the trial latest_localizer_run now returns
 
 
 def experiment_dir(config: Config) -> Path:
@@ -69,12 +73,14 @@ def build_tuner(config: Config, experiment_id: str, parent_run_id: str, resume: 
     from ray.tune.search.optuna import OptunaSearch
 
     from spine_ml.sweep.callbacks import LiveTable, MlflowTrialRecords
+    from spine_ml.sweep.localizer import run_localizer_trial
     from spine_ml.sweep.space import define_by_run, max_fold0_epochs
     from spine_ml.sweep.trainable import run_sweep_trial
 
     resources = config.sweep.resources
+    localizer = config.sweep.target == "localizer"
     trainable = tune.with_resources(
-        tune.with_parameters(run_sweep_trial, base=config.to_dict(), project_root=str(config.project_root),
+        tune.with_parameters(run_localizer_trial if localizer else run_sweep_trial, base=config.to_dict(), project_root=str(config.project_root),
                              experiment_id=experiment_id, parent_run_id=parent_run_id, cpus=resources.cpu),
         {"cpu": resources.cpu, "gpu": resources.gpu})
     path = experiment_dir(config)
@@ -90,7 +96,7 @@ def build_tuner(config: Config, experiment_id: str, parent_run_id: str, resume: 
     searcher = OptunaSearch(space=define_by_run(config), metric="objective", mode="min",
                             sampler=optuna.samplers.TPESampler(seed=config.sweep.seed),
                             study_name=config.sweep.name, storage=storage)
-    if config.sweep.scheduler == "asha":
+    if config.sweep.scheduler == "asha" and not localizer:  # a localizer trial reports once: nothing to prune
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_fold0_epochs(config) + 1,
                                   grace_period=config.sweep.grace_period,
                                   reduction_factor=config.sweep.reduction_factor)
@@ -106,7 +112,7 @@ def build_tuner(config: Config, experiment_id: str, parent_run_id: str, resume: 
             name=config.sweep.name, storage_path=str(path.parent), verbose=0,
             failure_config=tune.FailureConfig(max_failures=config.sweep.max_failures),
             callbacks=[MlflowTrialRecords(config.to_dict(), str(config.project_root), experiment_id, parent_run_id),
-                       LiveTable(list(config.search), quiet=quiet)]),
+                       LiveTable(list(config.search), quiet=quiet, score_label="err_mm" if localizer else "score")]),
     )
 
 
@@ -135,8 +141,11 @@ def run_sweep(config: Config, resume: bool = False) -> SweepSummary:
     start = time.time()
     experiment_id = ensure_experiment(config)  # fails early on an unwritable store
     ensure_synthetic(config)
-    cache = ensure_cache(config)  # built once here, opened read-only by every trial
-    log.info("crop cache ready: %s (%d samples)", cache.path, int((cache.index["sample"] >= 0).sum()))
+    if config.sweep.target == "classifier":  # localizer trials read the DICOM series, not the crop cache
+        cache = ensure_cache(config)  # built once here, opened read-only by every trial
+        log.info("crop cache ready: %s (%d samples)", cache.path, int((cache.index["sample"] >= 0).sum()))
+    elif config.sweep.scheduler == "asha":
+        log.info("localizer sweep: FIFO scheduler (a trial reports once, so ASHA could not stop any early)")
     parent = records.parent_run(config, experiment_id, resume)
     if resume:
         records.close_running(config, experiment_id, None)
@@ -156,6 +165,14 @@ def run_sweep(config: Config, resume: bool = False) -> SweepSummary:
             records.close_running(config, experiment_id, parent, status="KILLED" if interrupted else "FINISHED")
         except MlflowException as error:
             log.warning("%s", tracking_lost(config, error))
+    if config.sweep.target == "localizer":
+        from spine_ml.sweep.localizer import choose_best
+
+        try:
+            chosen = choose_best(config, experiment_id, parent)
+        except MlflowException as error:
+            raise SweepError(tracking_lost(config, error)) from None
+        return summarise(config, experiment_id, parent, time.time() - start, chosen)
     try:  # plots/optimisation_history.png, param_importances.png on the parent run; never fail a sweep
         from spine_ml.plots.sweep import log_sweep_plots
 
@@ -165,12 +182,20 @@ def run_sweep(config: Config, resume: bool = False) -> SweepSummary:
     return summarise(config, experiment_id, parent, time.time() - start)
 
 
-def summarise(config: Config, experiment_id: str, parent_run_id: str, wall: float) -> SweepSummary:
+def summarise(config: Config, experiment_id: str, parent_run_id: str, wall: float,
+              chosen_localizer: str | None = None) -> SweepSummary:
     from spine_ml.sweep import records
 
-    summary = SweepSummary(config.sweep.name, experiment_id, parent_run_id, wall)
+    summary = SweepSummary(config.sweep.name, experiment_id, parent_run_id, wall, target=config.sweep.target,
+                           chosen_localizer=chosen_localizer)
+    if config.sweep.target == "localizer":
+        from spine_ml.sweep.localizer import finished_rows
+
+        summary.finished = finished_rows(config, experiment_id)
     for run in records.trial_runs(config, experiment_id):
         state = run.data.tags.get(records.STATE_TAG)
+        if config.sweep.target == "localizer" and state == "finished":
+            continue  # listed above
         if state == "finished" and "score" in run.data.metrics:
             summary.finished.append({"run_id": run.info.run_id, "trial_id": run.data.tags.get(records.TRIAL_TAG),
                                      **{k: run.data.metrics[k] for k in ("score", "spinal", "foraminal", "subarticular",
@@ -180,7 +205,7 @@ def summarise(config: Config, experiment_id: str, parent_run_id: str, wall: floa
             summary.pruned += 1
         elif state == "failed":
             summary.failed += 1
-    summary.finished.sort(key=lambda r: r["score"])
+    summary.finished.sort(key=lambda r: r["score"] if "score" in r else r["objective"])
     return summary
 
 
@@ -194,7 +219,11 @@ def _short(value: str) -> str:
 def print_summary(summary: SweepSummary, config: Config, config_path: str = "CONFIG", top: int = 5) -> None:
     print(f"\nsweep '{summary.name}': {len(summary.finished)} finished, {summary.pruned} pruned, "
           f"{summary.failed} failed in {summary.wall_seconds:.0f}s")
-    if summary.finished:
+    if summary.target == "localizer":
+        from spine_ml.sweep.localizer import print_localizer_summary
+
+        print_localizer_summary(summary, config, config_path, top)
+    elif summary.finished:
         print(f"{'rank':>4}  {'run_id':<32}  {'score':>7} {'spinal':>7} {'foramin':>7} {'subart':>7} {'any_sev':>7}  params")
         for rank, row in enumerate(summary.finished[:top], start=1):
             params = " ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in row["params"].items() if v is not None)
@@ -205,7 +234,8 @@ def print_summary(summary: SweepSummary, config: Config, config_path: str = "CON
 
     print(f"\nMLflow experiment '{config.tracking.experiment}' ({tracking_uri(config)}).")
     print("Compare the trials: spine-ml ui  (then open http://127.0.0.1:5000)")
-    print(f"Blend the best runs: spine-ml ensemble {config_path}")
+    if summary.target == "classifier":
+        print(f"Blend the best runs: spine-ml ensemble {config_path}")
 
 
 def cli(args) -> int:

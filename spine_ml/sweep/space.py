@@ -12,6 +12,8 @@ from typing import Any
 from spine_ml.config import Config, ConfigError, SearchParam
 
 UNSEARCHABLE_PREFIXES = ("prepare.", "data.", "cv.", "sweep.", "tracking.", "ray.", "ensemble.")
+# these choose the held-out studies (or where a trial runs): trials scored on different studies don't compare
+LOCALIZER_FIXED = ("localizer.holdout_fraction", "localizer.max_studies", "localizer.seed", "localizer.device")
 
 
 def _is_scalar(value: Any) -> bool:
@@ -30,8 +32,12 @@ def decode_value(param: SearchParam, value: Any) -> Any:
 
 def check_space(config: Config) -> None:
     """Reject keys that would break the shared cache or the CV protocol, and conditions on unknown keys."""
+    if config.sweep.target == "localizer" and config.localizer.holdout_fraction == 0:
+        raise ConfigError("localizer.holdout_fraction: 0 leaves no held-out studies to score localizer trials on; "
+                          "set it to e.g. 0.2 for a localizer sweep")
     seen: list[str] = []
     for key, param in config.search.items():
+        check_target(config, key)
         if key.startswith(UNSEARCHABLE_PREFIXES):
             raise ConfigError(
                 f"search.{key}: cannot be searched — the crop cache, folds and tracking are shared by every "
@@ -46,6 +52,21 @@ def check_space(config: Config) -> None:
                 config.with_updates({key: int(value) if param.type == "int" else value})
     except ConfigError as error:
         raise ConfigError(f"search: a value of the space is not a valid config\n{error}") from None
+
+
+def check_target(config: Config, key: str) -> None:
+    """A localizer sweep searches only `localizer.*`; a classifier sweep never does (run_trial ignores it)."""
+    if config.sweep.target == "localizer":
+        if not key.startswith("localizer."):
+            raise ConfigError(
+                f"search.{key}: sweep.target is localizer, so search: may hold only localizer.* keys (the trials "
+                f"run train_localizer, which ignores {key}); remove it, or sweep the classifier in another config")
+        if key in LOCALIZER_FIXED:
+            raise ConfigError(f"search.{key}: cannot be searched — it sets which studies are held out (or the "
+                              f"device), so trials would be scored on different studies; set it once under localizer:")
+    elif key.startswith("localizer."):
+        raise ConfigError(f"search.{key}: the classifier's trials never train the localizer; to sweep it, set "
+                          f"sweep.target: localizer (`spine-ml sweep sweeps/localizer.yaml`)")
 
 
 class DefineByRun:
