@@ -220,7 +220,7 @@ def test_notebook_is_valid_nbformat_4_and_runs_the_entry_script(exported):
 
 def test_wheel_installs_offline_and_imports(exported, tmp_path):
     _, _, _, bundle = exported
-    [wheel] = (bundle / "wheels").glob("spine_ml-*.whl")
+    [wheel] = bundle.glob("spine_ml-*.whl")
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet", "--target",
                     str(target), str(wheel)], check=True, capture_output=True, timeout=120)

@@ -220,7 +220,8 @@ def bundle_readme(manifest: dict) -> str:
         "`spine-ml predict --bundle THIS_FOLDER --data DATA_DIR --out submission.csv`.", "",
         REQUIREMENTS_NOTE, "",
         "Contents: manifest.json (members, weights, temperatures, configs, localizer, versions, sha256 of",
-        "every file), predict.py, submission.ipynb, wheels/, members/<run id>/ (fold checkpoints),",
-        "localizer/, train.csv (the training prior for rows no crop covers, when the data has no train.csv).", "",
+        "every file), predict.py, submission.ipynb, the spine_ml wheel, member-<run id>-<fold>.pt (fold",
+        "checkpoints), localizer.pt + localizer.yaml, train.csv (the training prior for rows no crop covers,",
+        "used when the data folder has no train.csv). No subfolders: upload the files as they are.", "",
     ]
     return "\n".join(lines)

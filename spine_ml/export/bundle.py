@@ -1,17 +1,19 @@
 """`spine-ml export CONFIG [--ensemble RUN_ID] [--localizer RUN_ID] --out DIR [--half]`: an ensemble
 run -> a self-contained folder that predicts offline (a Kaggle dataset).
 
-    DIR/manifest.json     members (run ids, weights, resolved configs, prepare settings), the blend's
-                          temperatures, the localizer run and settings, versions, sha256 of every file,
-                          sizes, and the per-study cost measured by running the bundle once here
-    DIR/predict.py        installs wheels/*.whl offline, then `spine-ml predict --bundle`
-    DIR/submission.ipynb  the Kaggle notebook that runs predict.py
-    DIR/wheels/           spine_ml built from this checkout
-    DIR/members/<run>/    fold checkpoints (float16 with --half, loaded back as float32)
-    DIR/localizer/        localizer.pt + localizer.yaml
-    DIR/train.csv         the training prior for rows no crop covers, where the data has no train.csv
+    DIR/manifest.json            members (run ids, weights, resolved configs, prepare settings), the
+                                 blend's temperatures, the localizer run and settings, versions, sha256
+                                 of every file, sizes, and the per-study cost measured by running the
+                                 bundle once here
+    DIR/predict.py               installs the wheel offline, then `spine-ml predict --bundle`
+    DIR/submission.ipynb         the Kaggle notebook that runs predict.py
+    DIR/spine_ml-*.whl           spine_ml built from this checkout
+    DIR/member-<run>-<fold>.pt   fold checkpoints (float16 with --half, loaded back as float32)
+    DIR/localizer.pt, .yaml      the localizer
+    DIR/train.csv                the training prior for rows no crop covers, where the data has no train.csv
 
-The folder is written under a temporary name and renamed when complete: no half-written bundle.
+No subfolders: `kaggle datasets create -p DIR` skips them unless told otherwise, and a web upload
+keeps the files either way. The folder is written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
 
@@ -109,7 +111,7 @@ def export_members(config, described: dict, folder: Path, scratch: Path, half: b
         member_config = member_predict_config(config, run_id, download).with_updates({"tracking.uri": None})
         checkpoints = []
         for path in run_checkpoints(config, run_id, download):
-            target = folder / "members" / run_id / path.name
+            target = folder / f"member-{run_id}-{path.name}"
             entry, full, small = copy_weights(path, target, half)
             checkpoints.append({**file_entry(folder, target), **entry})
             fp32, fp16 = fp32 + full, fp16 + small
@@ -123,7 +125,7 @@ def export_members(config, described: dict, folder: Path, scratch: Path, half: b
 
 
 def export_localizer(config, localizer, folder: Path, scratch: Path, half: bool) -> tuple[dict, int, int]:
-    """The localizer (a run id, a folder, or None for the newest localizer run) copied into DIR/localizer."""
+    """The localizer (a run id, a folder, or None for the newest localizer run) copied into DIR."""
     import yaml
 
     from spine_ml.localize.store import download_localizer, folder_key, latest_localizer_run
@@ -136,17 +138,16 @@ def export_localizer(config, localizer, folder: Path, scratch: Path, half: bool)
         source = download_localizer(config, run_id, scratch / "localizer-download")
     files, fp32, fp16 = [], 0, 0
     for path in sorted(p for p in source.iterdir() if p.is_file()):
-        target = folder / "localizer" / path.name
+        target = folder / path.name
         if path.suffix == ".pt":
             entry, fp32, fp16 = copy_weights(path, target, half)
         else:
-            target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
             entry = {}
         files.append({**file_entry(folder, target), **entry})
     settings = yaml.safe_load((source / "localizer.yaml").read_text())
     return {"run_id": run_id, "source": None if run_id else str(source), "key": folder_key(source),
-            "folder": "localizer", "settings": settings, "batch_size": config.localizer.batch_size,
+            "settings": settings, "batch_size": config.localizer.batch_size,
             "device": config.localizer.device, "files": files}, fp32, fp16
 
 
@@ -207,7 +208,9 @@ def verify(config, folder: Path, run, scratch: Path, half: bool) -> dict | None:
     measured["max_abs_difference_vs_ensemble_submission"] = difference
     if difference > EXACT and not half:
         log.warning("the bundle's predictions differ from the ensemble's submission.csv by up to %.3g (more than "
-                    "%g): was the ensemble made with another localizer or other test data?", difference, EXACT)
+                    "%g): the ensemble used another localizer, other test data, or older spine-ml code (its "
+                    "members' test predictions stay cached in their runs); re-run `spine-ml ensemble` with this "
+                    "checkout, then export again", difference, EXACT)
     print(f"bundle vs the ensemble's submission.csv: max |difference| {difference:.3g}")
     return measured
 
@@ -233,7 +236,7 @@ def write_bundle(config, folder: Path, run, described: dict, localizer, half: bo
     if train_csv.is_file():
         shutil.copyfile(train_csv, folder / "train.csv")
         prior = file_entry(folder, folder / "train.csv")
-    wheel = A.build_wheel(folder / "wheels")
+    wheel = A.build_wheel(folder)
     fp32, fp16 = fp32 + localizer_fp32, fp16 + localizer_fp16
     manifest = {
         "kind": BUNDLE_KIND, "format": BUNDLE_FORMAT,

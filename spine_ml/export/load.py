@@ -48,7 +48,7 @@ class Bundle:
     manifest: dict[str, Any]
     members: list[BundleMember]
     temperatures: np.ndarray  # one per V.CONDITIONS
-    localizer_folder: Path  # localizer.pt (float32) + localizer.yaml
+    localizer_folder: Path  # holding localizer.pt (float32) + localizer.yaml
     localizer_config: Config  # whose localizer.device / batch_size load the localizer
 
     @property
@@ -102,7 +102,7 @@ def read_manifest(folder: Path | str) -> dict[str, Any]:
         raise BundleError(f"{folder}: no such bundle folder; give the folder `spine-ml export --out` wrote")
     if not path.is_file():
         raise BundleError(f"{path}: not found; {folder} is not a bundle (`spine-ml export CONFIG --out DIR` "
-                          f"writes manifest.json, predict.py, members/ and localizer/)")
+                          f"writes manifest.json, predict.py and the checkpoints)")
     try:
         manifest = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -139,11 +139,11 @@ def runnable_device(device: str) -> str:
 
 
 def localizer_files(folder: Path, localizer: dict[str, Any], scratch: Path) -> Path:
-    """The folder to load the localizer from: the bundle's own, or a float32 copy in `scratch`."""
+    """The folder to load the localizer from: the bundle itself, or a float32 copy in `scratch`."""
     import shutil
 
     half = any(file.get("dtype") == HALF for file in localizer["files"])
-    target = scratch / localizer["folder"] if half else folder / localizer["folder"]
+    target = scratch / "localizer" if half else folder
     for file in localizer["files"]:
         path = checked_file(folder, file)
         if half and file.get("dtype") == HALF:
@@ -186,8 +186,8 @@ def load_bundle(folder: Path | str, scratch: Path) -> Bundle:
         temperatures = np.array([float(manifest["blend"]["temperatures"][c]) for c in V.CONDITIONS])
         localizer = manifest["localizer"]
         localizer_folder = localizer_files(folder, localizer, scratch)
-        if manifest.get("prior"):
-            checked_file(folder, manifest["prior"])
+        # manifest["prior"] (train.csv) is not checked: it is only the fallback behind the data's own
+        # train.csv, and Kaggle may re-encode tabular files of a dataset.
     except KeyError as error:
         raise BundleError(f"{where}: missing key {error}; the manifest is damaged or hand-edited, export again") from None
     if not members:
