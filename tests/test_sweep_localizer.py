@@ -85,6 +85,19 @@ def test_chosen_trial_loads_as_a_localizer(localizer_sweep, tmp_path):
     assert resolve_localizer(config, latest_localizer_run(config))[1] == key  # --localizer RUN_ID: same weights
 
 
+def test_resuming_a_finished_localizer_sweep_trains_nothing_and_keeps_the_choice(localizer_sweep):
+    from spine_ml.localize.store import latest_localizer_run
+
+    path = localizer_sweep[0]
+    config = load_config(path)
+    before, chosen = runs_of(config), latest_localizer_run(config)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["sweep", str(path), "--resume"]) == 0
+    after = runs_of(config)
+    assert len(after) == len(before) and {r.info.status for r in after} == {"FINISHED"}
+    assert latest_localizer_run(config) == chosen
+
+
 def test_a_classifier_key_in_a_localizer_sweep_is_refused(tiny_project, tiny_data, capsys):
     search = {**SEARCH, "train.lr": {"type": "loguniform", "low": 0.001, "high": 0.01}}
     path = write_config(tiny_project, tiny_data, search=search)
