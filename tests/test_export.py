@@ -307,6 +307,15 @@ def test_damaged_bundle_is_a_clear_error_naming_the_file(exported, tiny_data, co
     assert not out.exists()
 
 
+def test_entry_script_without_its_manifest_says_so(exported, tmp_path):
+    _, _, _, bundle = exported
+    shutil.copy(bundle / "predict.py", tmp_path / "predict.py")
+    done = subprocess.run([sys.executable, str(tmp_path / "predict.py"), "--out", str(tmp_path / "s.csv")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"{tmp_path / 'manifest.json'} not found; upload the whole bundle folder" in done.stderr
+
+
 def test_bundle_refuses_a_config_or_run(exported, tiny_data, capsys):
     from spine_ml.cli import main
 

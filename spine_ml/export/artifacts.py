@@ -20,8 +20,9 @@ from spine_ml.errors import UserError
 # What the Kaggle image must already hold (the wheel brings none of it).
 RUNTIME_REQUIREMENTS = ("torch", "timm", "pydicom", "numpy", "pandas", "scipy", "pydantic", "yaml", "tqdm")
 REQUIREMENTS_NOTE = ("The spine_ml wheel is installed with `pip install --no-index --no-deps`: torch, timm, pydicom, "
-                     "numpy, pandas, scipy, pydantic, pyyaml and tqdm must already be installed (the Kaggle image has "
-                     "them; compressed DICOMs also need pylibjpeg). MLflow, Ray and Optuna are not needed.")
+                     "numpy, pandas, scipy, pydantic (v2), pyyaml and tqdm must already be installed (the Kaggle "
+                     "Python image ships them; predict.py names any that are missing; compressed DICOMs also need "
+                     "pylibjpeg). MLflow, Ray and Optuna are not needed.")
 
 
 class WheelError(UserError):
@@ -101,6 +102,7 @@ Elsewhere:                 python predict.py --data DATA_DIR --out submission.cs
 """
 import argparse
 import importlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -109,6 +111,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 KAGGLE_DATA = "{kaggle_data}"
 KAGGLE_OUT = "{kaggle_out}"
+REQUIREMENTS = {requirements_list!r}
 
 
 def fail(message):
@@ -136,6 +139,14 @@ def main(argv=None):
         if subprocess.run(command).returncode != 0:
             return fail(f"`{{' '.join(command)}}` failed (see above)")
         importlib.invalidate_caches()
+    missing = [name for name in REQUIREMENTS if importlib.util.find_spec(name) is None]
+    if missing:
+        return fail(f"not installed in this Python: {{', '.join(missing)}} (the wheel is installed without "
+                    f"dependencies; use a Kaggle image or environment that has them)")
+    import pydantic
+
+    if not str(getattr(pydantic, "VERSION", "2")).startswith("2"):
+        return fail(f"spine_ml needs pydantic 2, this Python has {{pydantic.VERSION}}")
     from spine_ml.cli import main as spine_ml
 
     return spine_ml(["predict", "--bundle", str(HERE), "--data", args.data, "--out", args.out])
@@ -149,7 +160,8 @@ if __name__ == "__main__":
 def entry_script() -> str:
     from spine_ml.export.run import KAGGLE_DATA, KAGGLE_OUT
 
-    return ENTRY_SCRIPT.format(requirements=REQUIREMENTS_NOTE, kaggle_data=KAGGLE_DATA, kaggle_out=KAGGLE_OUT)
+    return ENTRY_SCRIPT.format(requirements=REQUIREMENTS_NOTE, kaggle_data=KAGGLE_DATA, kaggle_out=KAGGLE_OUT,
+                               requirements_list=list(RUNTIME_REQUIREMENTS))
 
 
 NOTEBOOK_CODE = '''\
