@@ -53,15 +53,16 @@ class StudyResult:
 
 
 def crop_study(task: StudyTask, prepare_cfg) -> StudyResult:
-    """Read each series a study's samples need (once) and cut the samples."""
+    """Read each series a study's samples need (once) and cut the samples, all sites of a stack in
+    one `crop_samples` call."""
     from spine_ml.dicom.read import read_series
-    from spine_ml.prepare.crops import clip_point, crop_sample
+    from spine_ml.prepare.crops import clip_point, crop_samples
 
     result = StudyResult(task.study_id)
-    crops = []
     by_series: dict[int, list] = {}
     for request in task.requests:
         by_series.setdefault(request.series_id, []).append(request)
+    patches = []  # (sample numbers, float16 patches) per stack
     for series_id, requests in by_series.items():
         series = read_series(task.folder / str(series_id))
         result.files += series.file_count
@@ -74,6 +75,7 @@ def crop_study(task: StudyTask, prepare_cfg) -> StudyResult:
             continue
         if series.skipped_files:
             result.problems.append(f"series {series_id}: {len(series.skipped_files)} file(s) skipped")
+        sites: dict[int, tuple] = {}  # id(stack) -> (stack, sample numbers, (slice, x, y) sites)
         for request in requests:
             try:
                 stack, slice_index = series.find_instance(request.instance_number)
@@ -88,10 +90,16 @@ def crop_study(task: StudyTask, prepare_cfg) -> StudyResult:
                             " clipped to (%.1f, %.1f)", task.study_id, series_id, request.instance_number,
                             request.x, request.y, stack.columns, stack.rows, x, y)
                 result.clipped[request.row] = (x, y)
-            crops.append(crop_sample(stack, slice_index, x, y, prepare_cfg))
+            _, numbers, wanted = sites.setdefault(id(stack), (stack, [], []))
+            numbers.append(len(result.rows))
+            wanted.append((slice_index, x, y))
             result.rows.append(request.row)
-    if crops:
-        result.patches = np.stack(crops)
+        patches.extend((numbers, crop_samples(stack, wanted, prepare_cfg)) for stack, numbers, wanted in sites.values())
+    if result.rows:
+        size = prepare_cfg.patch_px
+        result.patches = np.empty((len(result.rows), prepare_cfg.slices, size, size), dtype=np.float16)
+        for numbers, cut in patches:
+            result.patches[numbers] = cut
     return result
 
 
@@ -125,6 +133,12 @@ def run_tasks(tasks: list[StudyTask], prepare_cfg, workers: int):
             for task in tasks:
                 yield crop_study(task, prepare_cfg)
         return
+    with process_pool(workers) as pool:
+        yield from pool.map(partial(crop_study, prepare_cfg=prepare_cfg), tasks, chunksize=1)
+
+
+def process_pool(workers: int):
+    """The pool prepare cuts studies in (bench/bench_prepare.py decodes in the same kind of pool)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -133,8 +147,7 @@ def run_tasks(tasks: list[StudyTask], prepare_cfg, workers: int):
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["spine_ml.prepare.build", "spine_ml.prepare.crops", "spine_ml.dicom.read",
                                     "pydicom", "scipy.ndimage"])
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start) as pool:
-        yield from pool.map(partial(crop_study, prepare_cfg=prepare_cfg), tasks, chunksize=1)
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start)
 
 
 def write_samples(tasks: list[StudyTask], prepare_cfg, patches_path: Path, progress: bool):
