@@ -84,7 +84,7 @@ def _export(p: argparse.ArgumentParser) -> None:
     _config(p)
     p.add_argument("--out", required=True, help="bundle folder to write (must not exist or be empty)")
     p.add_argument("--ensemble", metavar="RUN_ID", help="ensemble run to export (default: the newest)")
-    p.add_argument("--localizer", metavar="RUN_ID", help="localizer run (default: the newest localizer run)")
+    p.add_argument("--localizer", metavar="RUN_ID", help="localizer run (default: the one ensemble takes)")
     p.add_argument("--half", action="store_true", help="store checkpoints as float16 (about half the size)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip running the bundle on the config's test studies (its per-study cost stays unmeasured)")

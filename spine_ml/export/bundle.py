@@ -125,7 +125,7 @@ def export_members(config, described: dict, folder: Path, scratch: Path, half: b
 
 
 def export_localizer(config, localizer, folder: Path, scratch: Path, half: bool) -> tuple[dict, int, int]:
-    """The localizer (a run id, a folder, or None for the newest localizer run) copied into DIR."""
+    """The localizer (a run id, a folder, or None: the one `spine-ml ensemble` takes) copied into DIR."""
     import yaml
 
     from spine_ml.localize.store import download_localizer, folder_key, latest_localizer_run
