@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -113,5 +112,4 @@ def print_localizer_summary(summary, config: Config, config_path: str, top: int)
               f"take the most recently chosen localizer (this one, until a newer train-localizer run or sweep).")
         print(f"Pin it: spine-ml predict {config_path} --run RUN_ID --localizer {summary.chosen_localizer}")
     else:
-        print("\nNo trial finished, so no localizer was chosen; predict keeps its previous default.",
-              file=sys.stdout)
+        print("\nNo trial finished, so no localizer was chosen; predict keeps its previous default.")
