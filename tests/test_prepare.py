@@ -162,6 +162,112 @@ def test_patch_resampling_equals_scipy_map_coordinates():
                 np.testing.assert_allclose(ours[k], expected, atol=1e-5)
 
 
+def test_batched_patches_equal_scipy_per_sample():
+    """One batch of samples whose regions differ in size (clipped at the image edges, one wholly
+    outside) gives each sample scipy's bilinear of its own slices, as one sample alone would."""
+    from scipy.ndimage import gaussian_filter, map_coordinates
+
+    from spine_ml.prepare.crops import _sample_patch_batch
+
+    volume = np.random.default_rng(1).random((4, 90, 70)).astype(np.float32)
+    offsets = np.arange(16) - 7.5
+    slices = np.array([[0, 1, 2], [3, 3, 2], [1, 1, 1], [2, 3, 0]])  # repeats, as at a stack's edge
+    points = np.array([[[33.3, 41.7]] * 3, [[1.2, 88.0], [1.4, 87.5], [0.9, 88.3]],
+                       [[68.5, 3.1]] * 3, [[400.0, -300.0]] * 3])  # the last lies wholly outside
+    for step in (np.array([1.0, 1.0]), np.array([2.5, 1.7])):
+        sigma = np.maximum(0.0, (step - 1.0) / 2.0)
+        ours = _sample_patch_batch(volume, slices, points, step, 16, fill=0.25)
+        assert ours.shape == (4, 3, 16, 16)
+        for i in range(4):
+            for j in range(3):
+                image = volume[slices[i, j]]
+                source = gaussian_filter(image, sigma, mode="nearest", truncate=3.0) if sigma.max() > 0.3 else image
+                x, y = points[i, j]
+                rows, cols = np.meshgrid(y + offsets * step[0], x + offsets * step[1], indexing="ij")
+                expected = map_coordinates(source - 0.25, [rows, cols], order=1, mode="grid-constant") + 0.25
+                np.testing.assert_allclose(ours[i, j], expected, atol=1e-5, err_msg=f"sample {i} slice {j}")
+        np.testing.assert_array_equal(ours[3], 0.25)
+
+
+def test_crop_samples_equal_crop_sample_one_by_one(mini_data):
+    """prepare cuts all sites of a stack in one call, predict one site at a time: the same bytes."""
+    from spine_ml.prepare.crops import crop_sample, crop_samples
+
+    stack = mini_stack(mini_data, 1001, "ax")
+    sites = [(0, 30.2, 24.4), (9, 17.7, 24.4), (4, 0.0, 47.0), (5, 47.0, 0.0), (2, 23.5, 23.5)]
+    for prepare in (PrepareConfig(slices=3, patch_mm=16.0, pixel_mm=1.0),
+                    PrepareConfig(slices=5, patch_mm=20.0, pixel_mm=2.5)):  # 2.5 mm: anti-aliasing on
+        batch = crop_samples(stack, sites, prepare)
+        assert batch.shape == (len(sites), prepare.slices, prepare.patch_px, prepare.patch_px)
+        assert batch.dtype == np.float16
+        for site, crop in zip(sites, batch):
+            assert crop.tobytes() == crop_sample(stack, *site, prepare).tobytes(), site
+    assert batch[0, 0].tobytes() == batch[0, 1].tobytes() == batch[0, 2].tobytes()  # slice 0 repeats
+
+
+# --- prepare's pixel decode ----------------------------------------------------------------------------
+
+def test_pixel_values_equal_pixel_array_on_pydicom_test_files():
+    """Every file of pydicom's own test set (many syntaxes, bit depths, signed, multi-frame, colour,
+    broken): the same array and dtype as `pixel_array`, or an error where it raises one."""
+    import warnings
+
+    import pydicom
+
+    from spine_ml.dicom.read import pixel_values
+    from test_dicom import TEST_FILES
+
+    compared = refused = 0
+    for path in sorted(TEST_FILES.glob("*.dcm")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                expected = pydicom.dcmread(path).pixel_array
+            except Exception:  # noqa: BLE001 - not parseable, no pixels, or no decoder: ours must fail too
+                try:
+                    dataset = pydicom.dcmread(path)
+                except Exception:  # noqa: BLE001
+                    continue
+                with pytest.raises(Exception):  # noqa: B017
+                    pixel_values(dataset)
+                refused += 1
+                continue
+            got = pixel_values(pydicom.dcmread(path))
+        assert got.dtype == expected.dtype and got.shape == expected.shape, path.name
+        np.testing.assert_array_equal(got, expected, err_msg=path.name)
+        compared += 1
+    assert compared >= 30 and refused >= 1
+
+
+def test_pixel_values_decode_without_pixel_array(tmp_path, monkeypatch):
+    """The files prepare meets (12-bit MR, uncompressed or RLE) never take pixel_array's slow path,
+    and pydicom's unused-bit correction still applies (garbage above BitsStored is masked)."""
+    import pydicom
+    from pydicom.uid import RLELossless
+
+    from spine_ml.dicom.read import pixel_values
+
+    image = np.arange(30 * 40, dtype=np.float64).reshape(30, 40) % 4096
+    native = write_slice(tmp_path / "1.dcm", image, (0, 0, 0), AXIAL, (1.0, 1.0), 1)
+    rle = write_slice(tmp_path / "2.dcm", image, (0, 0, 4), AXIAL, (1.0, 1.0), 2, syntax=RLELossless)
+    dirty = tmp_path / "3.dcm"
+    dataset = pydicom.dcmread(native)
+    dataset.PixelData = (np.frombuffer(dataset.PixelData, dtype="<u2") | np.uint16(0xF000)).tobytes()
+    dataset.save_as(dirty)
+    expected = {path: pydicom.dcmread(path).pixel_array for path in (native, rle, dirty)}
+    assert pydicom.dcmread(rle).file_meta.TransferSyntaxUID == RLELossless
+    np.testing.assert_array_equal(expected[dirty], expected[native])  # pydicom masks the high bits
+
+    def refuse(self):
+        raise AssertionError("pixel_array was called")
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(refuse))
+    for path, array in expected.items():
+        got = pixel_values(pydicom.dcmread(path))
+        assert got.dtype == array.dtype == np.uint16
+        np.testing.assert_array_equal(got, array)
+
+
 # --- the cache ------------------------------------------------------------------------------------------
 
 def test_cache_index_labels_and_patches(mini_cache, mini_data):
