@@ -85,8 +85,8 @@ def copy_weights(source: Path, target: Path, half: bool) -> tuple[dict, int, int
 
     state = torch.load(source, map_location="cpu", weights_only=True)
     fp32 = sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in state.values())
-    fits = {k: bool(t.is_floating_point() and torch.isfinite(t).all() and t.abs().max() <= FP16_MAX)
-            for k, t in state.items()}
+    fits = {k: bool(t.is_floating_point() and (t.numel() == 0 or (torch.isfinite(t).all() and t.abs().max() <= FP16_MAX)))
+            for k, t in state.items()}  # a tensor float16 cannot hold stays float32
     fp16 = sum(t.numel() * (2 if fits[k] else 4 if t.is_floating_point() else t.element_size())
                for k, t in state.items())
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -129,6 +129,7 @@ def export_localizer(config, localizer, folder: Path, scratch: Path, half: bool)
     import yaml
 
     from spine_ml.localize.store import download_localizer, folder_key, latest_localizer_run
+    from spine_ml.localize.train import CHECKPOINT, SETTINGS
 
     run_id = None
     if localizer is not None and Path(str(localizer)).is_dir():
@@ -136,16 +137,14 @@ def export_localizer(config, localizer, folder: Path, scratch: Path, half: bool)
     else:
         run_id = str(localizer) if localizer is not None else latest_localizer_run(config)
         source = download_localizer(config, run_id, scratch / "localizer-download")
-    files, fp32, fp16 = [], 0, 0
-    for path in sorted(p for p in source.iterdir() if p.is_file()):
-        target = folder / path.name
-        if path.suffix == ".pt":
-            entry, fp32, fp16 = copy_weights(path, target, half)
-        else:
-            shutil.copyfile(path, target)
-            entry = {}
-        files.append({**file_entry(folder, target), **entry})
-    settings = yaml.safe_load((source / "localizer.yaml").read_text())
+    missing = [name for name in (CHECKPOINT, SETTINGS) if not (source / name).is_file()]
+    if missing:
+        raise ExportError(f"localizer {run_id or source}: no {' or '.join(missing)}; is it a localizer run "
+                          f"(`spine-ml train-localizer CONFIG`)?")
+    entry, fp32, fp16 = copy_weights(source / CHECKPOINT, folder / CHECKPOINT, half)
+    shutil.copyfile(source / SETTINGS, folder / SETTINGS)
+    files = [{**file_entry(folder, folder / CHECKPOINT), **entry}, file_entry(folder, folder / SETTINGS)]
+    settings = yaml.safe_load((source / SETTINGS).read_text())
     return {"run_id": run_id, "source": None if run_id else str(source), "key": folder_key(source),
             "settings": settings, "batch_size": config.localizer.batch_size,
             "device": config.localizer.device, "files": files}, fp32, fp16
