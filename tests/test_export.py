@@ -191,6 +191,7 @@ def test_manifest_records_the_ensemble_members_localizer_and_versions(exported):
         assert member["config"]["tracking"]["uri"] is None
         assert len(member["checkpoints"]) == 2 and all((bundle / c["path"]).is_file() for c in member["checkpoints"])
     assert {"torch", "timm", "pydicom"} <= set(manifest["versions"])
+    assert set(manifest["source"]) == {"git_commit", "git_dirty"}
     measured = manifest["measured"]
     assert measured["studies"] == 4 and measured["seconds_per_study"] > 0
     assert measured["projected_hours"] == pytest.approx(measured["seconds_per_study"] * 700 / 3600, rel=1e-3)

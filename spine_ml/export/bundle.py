@@ -236,6 +236,10 @@ def write_bundle(config, folder: Path, run, described: dict, localizer, half: bo
         shutil.copyfile(train_csv, folder / "train.csv")
         prior = file_entry(folder, folder / "train.csv")
     wheel = A.build_wheel(folder)
+    source = A.source_revision()
+    if source["git_dirty"]:
+        log.warning("the wheel holds uncommitted changes to spine_ml (the checkout differs from commit %s); "
+                    "commit them if this bundle must be reproducible", source["git_commit"])
     fp32, fp16 = fp32 + localizer_fp32, fp16 + localizer_fp16
     manifest = {
         "kind": BUNDLE_KIND, "format": BUNDLE_FORMAT,
@@ -245,7 +249,7 @@ def write_bundle(config, folder: Path, run, described: dict, localizer, half: bo
                      "cv_score": (described.get("cv_score") or {}).get("score")},
         "blend": {"temperatures": described["temperatures"]},
         "members": members, "localizer": localizer_entry, "prior": prior, "wheel": file_entry(folder, wheel),
-        "half": half, "versions": A.versions(), "source": A.source_revision(), "requirements": A.REQUIREMENTS_NOTE,
+        "half": half, "versions": A.versions(), "source": source, "requirements": A.REQUIREMENTS_NOTE,
         "sizes": {"checkpoints_mb": megabytes(fp16 if half else fp32), "checkpoints_mb_float32": megabytes(fp32),
                   "checkpoints_mb_float16": megabytes(fp16)},
         "measured": None,
