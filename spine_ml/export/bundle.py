@@ -207,9 +207,9 @@ def verify(config, folder: Path, run, scratch: Path, half: bool) -> dict | None:
     measured["max_abs_difference_vs_ensemble_submission"] = difference
     if difference > EXACT and not half:
         log.warning("the bundle's predictions differ from the ensemble's submission.csv by up to %.3g (more than "
-                    "%g): the ensemble used another localizer, other test data, or older spine-ml code (its "
-                    "members' test predictions stay cached in their runs); re-run `spine-ml ensemble` with this "
-                    "checkout, then export again", difference, EXACT)
+                    "%g): the ensemble used another localizer (pass --localizer RUN_ID), other test data, or test "
+                    "predictions its members cached under older spine-ml code (the cache is keyed by data and "
+                    "localizer, not code; the bundle predicts with this checkout)", difference, EXACT)
     print(f"bundle vs the ensemble's submission.csv: max |difference| {difference:.3g}")
     return measured
 
