@@ -4,8 +4,8 @@
    grouping, geometry, cropping, resampling and writing on top of a plain decode (≤ 1.5). At 1 worker
    both run in this process; at all cores the decode runs in the same kind of process pool as
    prepare (same worker count, one study per task), so both pay the pool's start-up. Both sides
-   are warmed once first (page cache, imports). Also the 1-worker ratio of CPU seconds, steadier
-   than wall time on a loaded machine.
+   are warmed once first (page cache, imports, the forkserver). Also the 1-worker ratio of CPU
+   seconds, steadier than wall time on a loaded machine.
 2. an epoch read from the cache vs the same epoch cut from DICOM (read_series + crop_sample per study,
    what skipping the cache would cost every epoch), both through the same crop/resize (≥ 20× faster);
    also reported with the training augmentation added to both sides.
@@ -158,6 +158,7 @@ def prepare_ratio(data: Path, workdir: Path, repeats: int, sweep: str) -> dict:
     groups = prepared_files(serial)
     pure_decode(groups)  # warm the page cache and pydicom's imports so neither side pays for them
     prepare_once(serial)  # and prepare's imports (pandas, scipy, the crop code)
+    pure_decode_parallel(groups, 0)  # and the forkserver both pools fork their workers from
     times = {key: [] for key in ("decode", "decode_cpu", "serial", "serial_cpu", "decode_parallel", "parallel")}
     for _ in range(repeats):
         for key, function in (("decode", lambda: pure_decode(groups)), ("serial", lambda: prepare_once(serial))):
