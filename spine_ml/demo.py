@@ -121,6 +121,8 @@ def run(config_path: str, overrides: list[str]) -> int:
     outcome = run_ensemble(config, options)
     figures = test_figures(config, submission)
 
+    localizer_summary = localizer_line(config, localizer)
+    member_lines = member_test_lines(config, outcome.summary, localizer)
     wall = time.time() - start
     best = sweep.finished[0] if sweep.finished else None
     print("\n================ demo summary ================")
@@ -129,11 +131,11 @@ def run(config_path: str, overrides: list[str]) -> int:
         print(f"best trial {best['run_id']}: OOF score {best['score']:.4f} (spinal {best['spinal']:.4f}, "
               f"foraminal {best['foraminal']:.4f}, subarticular {best['subarticular']:.4f}, "
               f"any_severe_spinal {best['any_severe_spinal']:.4f})")
-    print(localizer_line(config, localizer))
+    print(localizer_summary)
     chosen = outcome.summary.chosen
     print(f"ensemble {outcome.run_id}: {len(chosen.members)} member(s), cross-validated OOF score "
           f"{chosen.cv_parts['score']:.4f}")
-    for line in member_test_lines(config, outcome.summary, localizer):
+    for line in member_lines:
         print(line)
     if figures:
         print(f"test split: ensemble {figures.ensemble:.4f} | best constant prior {figures.prior:.4f} | "
