@@ -38,9 +38,9 @@ class BundleRun:
         return self.seconds_per_study * self.hidden_studies / 3600.0
 
     def as_dict(self) -> dict:
-        return {"studies": self.studies, "seconds": round(self.seconds, 3),
-                "seconds_per_study": round(self.seconds_per_study, 4), "hidden_studies": self.hidden_studies,
-                "projected_hours": round(self.projected_hours, 4), "budget_hours": self.budget_hours}
+        return {"studies": self.studies, "seconds": self.seconds, "seconds_per_study": self.seconds_per_study,
+                "hidden_studies": self.hidden_studies, "projected_hours": self.projected_hours,
+                "budget_hours": self.budget_hours}
 
 
 def projection_lines(run: BundleRun) -> list[str]:
