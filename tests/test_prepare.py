@@ -214,7 +214,7 @@ def test_pixel_values_equal_pixel_array_on_pydicom_test_files():
 
     import pydicom
 
-    from spine_ml.dicom.read import pixel_values
+    from spine_ml.dicom.tags import pixel_values
     from test_dicom import TEST_FILES
 
     compared = refused = 0
@@ -245,7 +245,7 @@ def test_pixel_values_decode_without_pixel_array(tmp_path, monkeypatch):
     import pydicom
     from pydicom.uid import RLELossless
 
-    from spine_ml.dicom.read import pixel_values
+    from spine_ml.dicom.tags import pixel_values
 
     image = np.arange(30 * 40, dtype=np.float64).reshape(30, 40) % 4096
     native = write_slice(tmp_path / "1.dcm", image, (0, 0, 0), AXIAL, (1.0, 1.0), 1)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from spine_ml.dicom.geometry import Stack, subsample, unit_normal
+from spine_ml.dicom.tags import pixel_values, tag_float, tag_floats, tag_values
 
 log = logging.getLogger(__name__)
 
@@ -99,107 +100,6 @@ def list_slice_files(folder: Path) -> list[Path]:
     return sorted(dicom or files, key=file_sort_key)
 
 
-_TAGS = {  # keyword -> (group, element), looked up once instead of per file
-    "ImagePositionPatient": 0x00200032, "ImageOrientationPatient": 0x00200037, "PixelSpacing": 0x00280030,
-    "RescaleSlope": 0x00281053, "RescaleIntercept": 0x00281052, "SliceThickness": 0x00180050,
-    "SpacingBetweenSlices": 0x00180088, "InstanceNumber": 0x00200013, "PhotometricInterpretation": 0x00280004,
-    "NumberOfFrames": 0x00280008,
-}
-_PIXEL_US_TAGS = {  # the unsigned-short image pixel tags pydicom's decoder needs, as its option names
-    "rows": 0x00280010, "columns": 0x00280011, "samples_per_pixel": 0x00280002, "bits_allocated": 0x00280100,
-    "bits_stored": 0x00280101, "pixel_representation": 0x00280103,
-}
-_PIXEL_DATA = 0x7FE00010
-
-
-def _tag_values(dataset, keyword: str) -> list[str] | None:
-    """The text values of a DS/IS/CS tag, or None when absent or empty.
-
-    Reads the raw element (`get_item`) instead of pydicom's converted attribute: conversion costs
-    more than the pixel decode of a small slice, and prepare's speed is bounded by this function.
-    """
-    element = dataset.get_item(_TAGS[keyword])
-    if element is None or element.value is None:
-        return None
-    value = element.value
-    if isinstance(value, (bytes, bytearray)):
-        text = value.decode("ascii", "replace").strip(" \x00")
-        return [v.strip() for v in text.split("\\")] if text else None
-    items = [value] if isinstance(value, (str, int, float)) else list(value)  # converted: one value or MultiValue
-    values = [str(v).strip() for v in items if str(v).strip()]
-    return values or None
-
-
-def _floats(dataset, keyword: str, count: int) -> np.ndarray | None:
-    values = _tag_values(dataset, keyword)
-    if values is None or len(values) != count:
-        return None
-    try:
-        return np.array([float(v) for v in values], dtype=np.float64)
-    except ValueError:
-        return None
-
-
-def _float(dataset, keyword: str) -> float | None:
-    values = _tag_values(dataset, keyword)
-    if values is None or len(values) != 1:
-        return None
-    try:
-        return float(values[0])  # not through _floats: a 1-element array per tag costs more than the parse
-    except ValueError:
-        return None
-
-
-def _unsigned_short(dataset, tag: int) -> int | None:
-    element = dataset.get_item(tag)
-    if element is None:
-        return None
-    value = element.value
-    if isinstance(value, (bytes, bytearray)):  # raw, and only little-endian syntaxes come here
-        return int.from_bytes(value, "little") if len(value) == 2 else None
-    return value if isinstance(value, int) else None
-
-
-def _pixel_options(dataset, syntax) -> dict | None:
-    """pydicom's decode options of a single-frame, single-sample image, read from the raw tags;
-    None when the file is anything else (pixel_array then handles it)."""
-    if not syntax.is_little_endian:
-        return None
-    options = {name: _unsigned_short(dataset, tag) for name, tag in _PIXEL_US_TAGS.items()}
-    photometric = _tag_values(dataset, "PhotometricInterpretation")
-    frames = _tag_values(dataset, "NumberOfFrames")
-    if None in options.values() or options["samples_per_pixel"] != 1 or photometric is None or \
-            frames not in (None, ["1"]) or "ExtendedOffsetTable" in dataset:
-        return None
-    element = dataset.get_item(_PIXEL_DATA)
-    if element is None or not isinstance(element.value, (bytes, bytearray)):
-        return None
-    options.update(photometric_interpretation=photometric[0], number_of_frames=1, pixel_keyword="PixelData",
-                   pixel_vr=element.VR or "OW")
-    return options
-
-
-def pixel_values(dataset) -> np.ndarray:
-    """The same array as `dataset.pixel_array`, at a fraction of its cost on small images.
-
-    `pixel_array` converts every image-pixel tag through pydicom's element machinery (twice, to
-    check its cache) before it decodes: that cost more than the decode itself. Here pydicom's own
-    decoder for the transfer syntax gets the pixel bytes and the tags read raw, so decoding,
-    plugins, validation and the unused-bits correction are pydicom's. Anything unusual (big-endian,
-    several frames or samples, a missing tag) and any failure go through `pixel_array` as before.
-    """
-    try:
-        syntax = dataset.file_meta.TransferSyntaxUID
-        options = _pixel_options(dataset, syntax)
-        if options is not None:
-            from pydicom.pixels import get_decoder
-
-            return get_decoder(syntax).as_array(dataset.get_item(_PIXEL_DATA).value, **options)[0]
-    except Exception:  # noqa: BLE001 - pixel_array below raises the error a user should see, or succeeds
-        pass
-    return dataset.pixel_array
-
-
 def read_slice(path: Path) -> SliceFile:
     """Decode one file; SliceError says why it cannot be used."""
     import io
@@ -215,8 +115,8 @@ def read_slice(path: Path) -> SliceFile:
     # struct.error: a file cut inside an element header (pydicom reads past the end)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, struct.error) as error:
         raise SliceError(f"not a readable DICOM file ({type(error).__name__}: {error})") from None
-    position = _floats(dataset, "ImagePositionPatient", 3)
-    orientation = _floats(dataset, "ImageOrientationPatient", 6)
+    position = tag_floats(dataset, "ImagePositionPatient", 3)
+    orientation = tag_floats(dataset, "ImageOrientationPatient", 6)
     if position is None or orientation is None or not np.isfinite(position).all():
         raise SliceError("no usable ImagePositionPatient/ImageOrientationPatient (cannot be placed in space)")
     try:
@@ -229,9 +129,9 @@ def read_slice(path: Path) -> SliceFile:
         raise SliceError(f"pixel data cannot be decoded ({type(error).__name__}: {error})") from None
     if raw.ndim != 2:
         raise SliceError(f"expected one 2-D frame, found pixel array of shape {raw.shape}")
-    slope, intercept = _float(dataset, "RescaleSlope"), _float(dataset, "RescaleIntercept")
-    thickness, between = _float(dataset, "SliceThickness"), _float(dataset, "SpacingBetweenSlices")
-    spacing = _floats(dataset, "PixelSpacing", 2)
+    slope, intercept = tag_float(dataset, "RescaleSlope"), tag_float(dataset, "RescaleIntercept")
+    thickness, between = tag_float(dataset, "SliceThickness"), tag_float(dataset, "SpacingBetweenSlices")
+    spacing = tag_floats(dataset, "PixelSpacing", 2)
     if spacing is not None and not (np.isfinite(spacing).all() and (spacing > 0).all()):
         spacing = None  # a zero, negative or non-finite spacing is as good as none: same fallback
     if slope is not None and not np.isfinite(slope):
@@ -240,7 +140,7 @@ def read_slice(path: Path) -> SliceFile:
         intercept = None
     missing = tuple(k for k, v in (("RescaleSlope", slope), ("SliceThickness", thickness),
                                    ("SpacingBetweenSlices", between), ("PixelSpacing", spacing)) if v is None)
-    instance = _float(dataset, "InstanceNumber")
+    instance = tag_float(dataset, "InstanceNumber")
     if instance is None:
         if not path.stem.isdigit():
             raise SliceError("no InstanceNumber and the file name is not a number")
@@ -254,7 +154,7 @@ def read_slice(path: Path) -> SliceFile:
         raw=raw,
         slope=1.0 if slope is None else slope,
         intercept=intercept or 0.0,
-        inverted=(_tag_values(dataset, "PhotometricInterpretation") or [""])[0] == "MONOCHROME1",
+        inverted=(tag_values(dataset, "PhotometricInterpretation") or [""])[0] == "MONOCHROME1",
         transfer_syntax=dataset.file_meta.TransferSyntaxUID.name,
         spacing_tag=between or thickness,
         missing=missing,
