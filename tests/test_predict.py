@@ -178,3 +178,16 @@ def test_localizer_run_is_scored_on_the_synthetic_test_split(trained, tiny_data)
     for key in ("test_correct_level_rate", "test_correct_slice_rate", "test_found_rate"):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["test_mean_error_mm"] > 0
+
+
+def test_code_fingerprint_follows_the_source_so_stale_crops_and_predictions_are_not_reused(tmp_path, monkeypatch):
+    from spine_ml.predict.crops import CROP_CODE, PREDICTION_CODE, code_fingerprint
+
+    module = tmp_path / "decoder_under_test.py"
+    module.write_text("PEAK = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = code_fingerprint(("decoder_under_test",))
+    assert code_fingerprint(("decoder_under_test",)) == before
+    module.write_text("PEAK = 2\n")
+    assert code_fingerprint(("decoder_under_test",)) != before
+    assert set(CROP_CODE) < set(PREDICTION_CODE) and "spine_ml.localize.infer" in CROP_CODE

@@ -37,9 +37,10 @@ class SubmissionInvalid(UserError):
 
 
 def prediction_key(data_root: Path, studies: list[int], localizer_key: str) -> str:
-    from spine_ml.predict.crops import test_data_fingerprint
+    from spine_ml.predict.crops import PREDICTION_CODE, code_fingerprint, test_data_fingerprint
 
-    blob = f"{test_data_fingerprint(data_root, studies)}|{localizer_key}"
+    # the code is in the key: predictions cached before a decoder or pipeline change are not reused
+    blob = f"{test_data_fingerprint(data_root, studies)}|{localizer_key}|{code_fingerprint(PREDICTION_CODE)}"
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

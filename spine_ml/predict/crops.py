@@ -1,7 +1,8 @@
 """Localise every test study once and cut its 25 crops with prepare's own `crop_sample`.
 
 The result is kept as one `.npz` under `predict.crops_dir`, keyed by the test data (series list and
-every image's path and size), the crop settings (prepare section) and the localizer. Ensemble
+every image's path and size), the crop settings (prepare section), the localizer and the source of
+the code that decides the crops (`code_fingerprint`). Ensemble
 members with the same prepare settings reuse it: localisation and DICOM reading happen once.
 """
 from __future__ import annotations
@@ -46,11 +47,31 @@ def test_data_fingerprint(data_root: Path, studies) -> str:
     return digest.hexdigest()[:16]
 
 
+# The modules whose code decides where test crops are cut and what they hold: a change to any of
+# them (a new decoder, a geometry fix) must not reuse crops or member predictions made before it.
+CROP_CODE = ("spine_ml.dicom.read", "spine_ml.dicom.tags", "spine_ml.dicom.geometry", "spine_ml.localize.slices",
+             "spine_ml.localize.infer", "spine_ml.models.localizer", "spine_ml.prepare.crops",
+             "spine_ml.predict.crops")
+PREDICTION_CODE = CROP_CODE + ("spine_ml.models.classifier", "spine_ml.predict.pipeline")
+
+
+def code_fingerprint(modules=CROP_CODE) -> str:
+    """sha256 of the source of `modules` (as installed: a Kaggle bundle's wheel hashes the same text)."""
+    import importlib.util
+
+    digest = hashlib.sha256()
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        source = Path(spec.origin).read_bytes() if spec and spec.origin and Path(spec.origin).is_file() else b""
+        digest.update(name.encode() + b"\0" + source + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def crops_key(data_key: str, prepare_cfg, localizer_key: str) -> str:
     from spine_ml.prepare.cache import prepare_settings
 
     blob = json.dumps({"format": CROPS_FORMAT, "data": data_key, "prepare": prepare_settings(prepare_cfg),
-                       "localizer": localizer_key}, sort_keys=True)
+                       "localizer": localizer_key, "code": code_fingerprint()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
