@@ -67,14 +67,15 @@ def _ensemble(p: argparse.ArgumentParser) -> None:
     p.add_argument("--studies", type=int, help="hidden test studies for the budget")
     p.add_argument("--no-submission", action="store_true",
                    help="fit, score and log the ensemble only; no test predictions")
-    p.add_argument("--localizer", help="localizer MLflow run id for the test studies (default: the newest)")
+    p.add_argument("--localizer", help="localizer MLflow run id for the test studies (default: the most "
+                   "recently chosen localizer run; a localizer sweep tags its best)")
 
 
 def _predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="config YAML (not needed with --bundle)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--run", help="MLflow run id of a trained classifier")
-    p.add_argument("--localizer", help="MLflow run id of a trained localizer")
+    p.add_argument("--localizer", help="MLflow run id of a trained localizer (default: the most recently chosen)")
     p.add_argument("--bundle", help="an exported bundle folder")
     p.add_argument("--data", help="data folder with test_series_descriptions.csv (default data.root)")
     p.add_argument("--out", default="submission.csv")

@@ -84,7 +84,7 @@ def localizer_line(config: Config, run_id: str) -> str:
 
 
 def ensure_localizer(config: Config, config_path: str) -> str:
-    """The newest localizer run of the experiment, trained now when there is none."""
+    """The most recently chosen localizer run of the experiment, trained now when there is none."""
     from spine_ml.localize.store import LocalizerNotFound, latest_localizer_run
 
     try:

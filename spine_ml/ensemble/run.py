@@ -33,7 +33,7 @@ class EnsembleOptions:
     method: Method = "scipy"
     temperature: bool = True
     cv_folds: int = 5
-    localizer: object = None  # localizer run id or folder; None: the newest localizer run
+    localizer: object = None  # localizer run id or folder; None: the most recently chosen localizer run
 
     @classmethod
     def from_config(cls, config: Config, **changes) -> EnsembleOptions:

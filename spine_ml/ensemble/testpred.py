@@ -139,7 +139,7 @@ class TestSet:
 
 def prepare_test_set(config: Config, localizer=None) -> TestSet:
     """Resolve the localizer once for all members (a missing one fails here, before any fitting).
-    `localizer`: a run id, a folder, None (the newest localizer run), or an already resolved
+    `localizer`: a run id, a folder, None (the most recently chosen localizer run), or an already resolved
     (localizer, key) pair."""
     from spine_ml.competition.submission import expected_studies
     from spine_ml.localize.store import resolve_localizer

@@ -118,7 +118,7 @@ def folder_key(folder: Path) -> str:
 
 
 def resolve_localizer(config, localizer) -> tuple[object, str]:
-    """(ready Localizer, identity key) from a Localizer, a folder, a run id, or None (newest run)."""
+    """(ready Localizer, identity key) from a Localizer, a folder, a run id, or None (the most recently chosen run)."""
     from spine_ml.localize.infer import Localizer
     from spine_ml.localize.train import load_localizer
     from spine_ml.training.device import resolve_device

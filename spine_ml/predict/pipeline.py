@@ -110,9 +110,10 @@ def predict_studies(config, checkpoints: Sequence[Path | str], localizer, data_r
                     studies: Sequence[int]) -> pd.DataFrame:
     """Submission-layout predictions (25 rows per study, normalised) of one run's fold models.
 
-    `localizer`: a loaded `Localizer`, a localizer folder, an MLflow run id, or None for the newest
-    finished localizer run in the config's experiment. Localised crops are cached per (test data,
-    prepare settings, localizer), so each further ensemble member only runs its models.
+    `localizer`: a loaded `Localizer`, a localizer folder, an MLflow run id, or None for the most
+    recently chosen finished localizer run in the config's experiment. Localised crops are cached
+    per (test data, prepare settings, localizer), so each further ensemble member only runs its
+    models.
     """
     from spine_ml.localize.store import resolve_localizer
     from spine_ml.predict.crops import ensure_test_crops
