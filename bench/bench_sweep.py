@@ -6,6 +6,12 @@
    ASHA; epoch compute saved and best OOF score kept (targets ≥ 40% saved, best within 2%).
 3. The crop cache is built once per sweep: the number of cache folders after both sweeps.
 
+The overhead ratio also counts slots left idle while the last, longest trials finish (8 trials on 2
+slots, one backbone 2.4x slower than the other: whichever trial Optuna samples last runs alone).
+To tell that packing loss from the sweep machinery's own cost, the script also list-schedules the
+measured trial walls in their start order on the same slots with zero overhead (`ideal_makespan_s`)
+and prints sweep wall / that makespan (`machinery_overhead_ratio`).
+
     .venv/bin/python bench/bench_sweep.py [--config sweeps/demo.yaml] [--trials 8] [--json out.json]
 """
 from __future__ import annotations
@@ -36,8 +42,19 @@ def trial_costs(config) -> list[dict]:
         else:
             epochs = len(mlflow.get_metric_history(run.info.run_id, "val_score"))
         out.append({"state": state, "epochs": epochs, "wall": run.data.metrics.get("wall_seconds"),
-                    "score": run.data.metrics.get("score")})
+                    "score": run.data.metrics.get("score"),
+                    "end": run.info.end_time or run.info.start_time})
+    # start order: a trial's MLflow run is written when it ends, so order by end minus its own wall
+    out.sort(key=lambda t: (t["end"] or 0) / 1000.0 - (t["wall"] or 0))
     return out
+
+
+def list_schedule(walls: list[float], slots: int) -> float:
+    """Makespan of running `walls` in this order, each on the first free slot, with no overhead."""
+    free = [0.0] * slots
+    for wall in walls:
+        free[free.index(min(free))] += wall
+    return max(free) if walls else 0.0
 
 
 def run(config_path: Path, trials: int, root: Path, scheduler: str) -> dict:
@@ -75,10 +92,12 @@ def main() -> int:
 
         full = run(config_copy, args.trials, root, "none")
         asha = run(config_copy, args.trials, root, "asha")
-        caches = len(list((root / "data" / "cache").glob("crops-*"))) if (root / "data" / "cache").exists() else 0
+        cache_root = root / "data" / "cache"  # crop caches are folders; their .lock files are not caches
+        caches = len([p for p in cache_root.glob("crops-*") if p.is_dir()]) if cache_root.exists() else 0
 
     trial_wall = sum(t["wall"] or 0 for t in full["trials"] if t["state"] == "finished")
     overhead = full["wall"] / (trial_wall / full["concurrency"])
+    ideal = list_schedule([t["wall"] or 0 for t in full["trials"] if t["state"] == "finished"], full["concurrency"])
     epochs_full = sum(t["epochs"] for t in full["trials"])
     epochs_asha = sum(t["epochs"] for t in asha["trials"])
     best_full = min(t["score"] for t in full["trials"] if t["score"] is not None)
@@ -88,6 +107,8 @@ def main() -> int:
         "sweep_wall_s": round(full["wall"], 1),
         "sum_trial_wall_s": round(trial_wall, 1),
         "concurrency": full["concurrency"],
+        "ideal_makespan_s": round(ideal, 1),
+        "machinery_overhead_ratio": round(full["wall"] / ideal, 3),
         "epochs_full_budget": epochs_full,
         "epochs_asha": epochs_asha,
         "epoch_compute_saved": round(1 - epochs_asha / epochs_full, 3),

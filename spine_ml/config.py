@@ -29,7 +29,7 @@ class SynthSpec(Section):
     """How to generate the synthetic stand-in when `data.root` has no data yet."""
     studies: int = Field(60, ge=1, description="train studies")
     test_studies: int = Field(12, ge=0, description="test studies (labels kept apart for scoring)")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the whole synthetic set (same seed, same files)")
     image_size: int = Field(160, ge=32, le=1024, description="typical Rows/Columns of a slice")
 
 
@@ -57,54 +57,57 @@ class ModelConfig(Section):
     checkpoint: Path | None = Field(None, description="local weights file for the backbone")
     crop_px: int = Field(96, ge=8, description="crop cut from the cached patch (cache pixels)")
     input_px: int | None = Field(None, ge=8, description="resize crops to this before the backbone")
-    slice_pooling: Literal["channels", "mean", "attention"] = "channels"
-    drop_rate: float = Field(0.0, ge=0, lt=1)
+    slice_pooling: Literal["channels", "mean", "attention"] = Field(
+        "channels", description="slices as input channels, or each slice alone then mean / attention pooled")
+    drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout before the classifier head")
 
 
 class LossConfig(Section):
     class_weights: tuple[float, float, float] = Field((1.0, 2.0, 4.0), description="CE weight per severity")
     group_weights: dict[Literal["spinal", "foraminal", "subarticular"], float] = Field(
-        default_factory=lambda: {"spinal": 1.0, "foraminal": 1.0, "subarticular": 1.0})
+        default_factory=lambda: {"spinal": 1.0, "foraminal": 1.0, "subarticular": 1.0},
+        description="loss weight per condition group")
     any_severe_weight: float = Field(0.0, ge=0, description="auxiliary any_severe_spinal term")
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
 
 
 class AugmentConfig(Section):
-    shift_px: float = Field(4.0, ge=0)
-    rotate_deg: float = Field(10.0, ge=0)
-    scale: float = Field(0.1, ge=0, lt=1)
-    intensity: float = Field(0.1, ge=0)
+    shift_px: float = Field(4.0, ge=0, description="max shift of the crop (and its point), cache pixels; "
+                            "match the localizer's error (train-localizer suggests a value)")
+    rotate_deg: float = Field(10.0, ge=0, description="max in-plane rotation, degrees")
+    scale: float = Field(0.1, ge=0, lt=1, description="zoom drawn in 1 +- scale")
+    intensity: float = Field(0.1, ge=0, description="contrast in 1 +- intensity, offset in +- intensity")
     flip: bool = Field(True, description="left/right flip, swapping left/right labels")
 
 
 class TrainConfig(Section):
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-2, ge=0)
-    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
-    grad_clip: float | None = Field(1.0, gt=0)
+    epochs: int = Field(10, ge=1, description="epochs per fold (the ASHA budget)")
+    batch_size: int = Field(32, ge=1, description="crops per optimiser step")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay")
+    schedule: Literal["cosine", "onecycle", "constant"] = Field("cosine", description="learning-rate schedule")
+    grad_clip: float | None = Field(1.0, gt=0, description="gradient norm clip; null = none")
     ema: float | None = Field(None, gt=0, lt=1, description="EMA decay of the weights, e.g. 0.99")
-    seed: int = 42
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    seed: int = Field(42, description="seed of weights, shuffling and augmentation")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
     num_workers: int = Field(0, ge=0, description="DataLoader workers")
     max_batches_per_epoch: int | None = Field(None, ge=1, description="cap for quick tests")
-    augment: AugmentConfig = AugmentConfig()
+    augment: AugmentConfig = Field(AugmentConfig(), description="training-time augmentation")
 
 
 class CVConfig(Section):
-    folds: int = Field(5, ge=2)
-    seed: int = 42
+    folds: int = Field(5, ge=2, description="study-level folds (stratified by severity profile)")
+    seed: int = Field(42, description="fold assignment seed (folds.csv beside the cache)")
 
 
 class SearchParam(Section):
     """One dimension of the search space: `type` and its arguments."""
-    type: Literal["choice", "uniform", "loguniform", "int"]
-    values: list[Any] | None = None
-    low: float | None = None
-    high: float | None = None
-    step: int | None = None
+    type: Literal["choice", "uniform", "loguniform", "int"] = Field(description="the distribution")
+    values: list[Any] | None = Field(None, description="choice: the values")
+    low: float | None = Field(None, description="uniform, loguniform, int: lower bound")
+    high: float | None = Field(None, description="uniform, loguniform, int: upper bound")
+    step: int | None = Field(None, description="int: step between values")
     when: dict[str, Any] | None = Field(None, description="sample only when these params take these values")
 
     @model_validator(mode="after")
@@ -120,41 +123,41 @@ class SearchParam(Section):
 
 
 class Resources(Section):
-    cpu: float = Field(1, gt=0)
-    gpu: float = Field(0, ge=0)
+    cpu: float = Field(1, gt=0, description="CPUs per trial")
+    gpu: float = Field(0, ge=0, description="GPUs per trial; fractions share a GPU, e.g. 0.5")
 
 
 class SweepConfig(Section):
-    name: str = "sweep"
+    name: str = Field("sweep", description="the sweep's name (Ray state, Optuna study, parent run)")
     target: Literal["classifier", "localizer"] = Field(
         "classifier", description="what the trials train: the classifier (run_trial, OOF score) or the level "
         "localizer (train_localizer, held-out mean_error_mm; search: holds only localizer.* keys)")
-    num_samples: int = Field(8, ge=1)
-    max_concurrent: int = Field(2, ge=1)
-    max_failures: int = Field(1, ge=0)
-    scheduler: Literal["asha", "none"] = "asha"
+    num_samples: int = Field(8, ge=1, description="trials to run")
+    max_concurrent: int = Field(2, ge=1, description="trials at once")
+    max_failures: int = Field(1, ge=0, description="retries of a trial that raises or dies")
+    scheduler: Literal["asha", "none"] = Field("asha", description="asha: stop trials on fold-0 epochs; none: full budget")
     grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial can be stopped")
-    reduction_factor: int = Field(2, ge=2)
-    seed: int = 0
-    resources: Resources = Resources()
+    reduction_factor: int = Field(2, ge=2, description="ASHA keeps the top 1/reduction_factor at each rung")
+    seed: int = Field(0, description="Optuna TPE seed")
+    resources: Resources = Field(Resources(), description="per trial")
 
 
 class TrackingConfig(Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite under mlruns/")
-    experiment: str = "spine-ml"
+    experiment: str = Field("spine-ml", description="MLflow experiment of the runs")
 
 
 class RayConfig(Section):
     address: str | None = Field(None, description="existing cluster; RAY_ADDRESS also works")
-    num_cpus: int | None = None
-    num_gpus: int | None = None
+    num_cpus: int | None = Field(None, description="local Ray only: CPUs to use (default all)")
+    num_gpus: int | None = Field(None, description="local Ray only: GPUs to use (default all)")
     storage_path: Path = Field(Path("mlruns/ray"), description="Ray Tune results (shared on a cluster)")
 
 
 class EnsembleConfig(Section):
-    top_k: int = Field(5, ge=1)
-    per_backbone: int | None = Field(None, ge=1)
-    budget_hours: float = Field(9.0, gt=0)
+    top_k: int = Field(5, ge=1, description="best finished runs considered as members")
+    per_backbone: int | None = Field(None, ge=1, description="at most this many members per backbone")
+    budget_hours: float = Field(9.0, gt=0, description="inference budget the chosen blend must fit (Kaggle: 9 h)")
     studies: int = Field(700, ge=1, description="hidden test studies, for the inference budget")
 
 
@@ -166,22 +169,29 @@ class LocalizerConfig(Section):
     sigma_mm: float = Field(4.0, gt=0, description="in-plane spread of a target heatmap peak, mm")
     depth_sigma_mm: float = Field(2.5, gt=0, description="fall-off of a target peak across slices, mm")
     axial_slices: int = Field(2, ge=0, description="train on the labelled axial slice +- this many")
-    epochs: int = Field(12, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
+    epochs: int = Field(12, ge=1, description="training epochs")
+    batch_size: int = Field(32, ge=1, description="slices per step")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate (AdamW, one-cycle)")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
     holdout_fraction: float = Field(0.2, ge=0, lt=1, description="train studies held out for the metrics")
     max_studies: int | None = Field(None, ge=2, description="cap on train studies (quick tests)")
     axial_max_distance_mm: float = Field(12.0, gt=0, description="a level farther than this from every axial "
                                          "slice is not covered (its subarticular rows get the prior)")
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(0, description="seed of the held-out split and the weights")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present")
 
 
 class PredictConfig(Section):
     batch_size: int = Field(64, ge=1, description="crops per forward pass")
     crops_dir: Path = Field(Path("data/cache/test-crops"), description="localised test crops, reused by members")
-    workers: int = Field(1, ge=1, description="processes reading and localising test studies")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_unused_workers(cls, raw: Any) -> Any:
+        # predict.workers was accepted but never used; configs saved with it by earlier runs still load
+        if isinstance(raw, dict) and "workers" in raw:
+            raw = {k: v for k, v in raw.items() if k != "workers"}
+        return raw
 
 
 class Config(Section):

@@ -100,3 +100,39 @@ def test_verb_help_shows_example(verb, capsys):
         main([verb, "--help"])
     assert exit_code.value.code == 0
     assert "example: spine-ml " + verb in capsys.readouterr().out
+
+
+def test_readme_config_reference_lists_every_key_and_is_in_sync():
+    from spine_ml.config import Config
+    from spine_ml.config_doc import render, rows, section_of
+
+    keys = {key for key, _, _, _ in rows()}
+    for key, _, _, meaning in rows():
+        assert meaning, f"config key {key} has no description: give its Field a description"
+    # every key the loader accepts is documented, sections and leaves alike
+    dumped = Config().to_dict()
+    flat = set()
+
+    def walk(node, prefix=""):
+        for name, value in node.items():
+            flat.add(prefix + name)
+            if isinstance(value, dict) and name not in ("search", "group_weights"):
+                walk(value, prefix + name + ".")
+    walk(dumped)
+    flat.discard("data.synthetic")  # None by default: its keys come from SynthSpec
+    missing = {k for k in flat if k not in keys and not any(k == s.split(".")[0] for s in keys)}
+    assert not missing, f"keys not in the reference: {sorted(missing)}"
+    assert "train.augment.shift_px" in keys and "search.<config path>.type" in keys
+    readme = (PROJECT / "README.md").read_text()
+    assert section_of(readme) == render(), (
+        "README.md's config reference is stale: run `python -m spine_ml.config_doc --write README.md`")
+
+
+def test_config_doc_write_refuses_a_file_without_markers(tmp_path, capsys):
+    from spine_ml.config_doc import main as doc_main
+
+    target = tmp_path / "OTHER.md"
+    target.write_text("# no markers here\n")
+    assert doc_main(["--write", str(target)]) == 1
+    assert target.read_text() == "# no markers here\n"
+    assert "config-reference" in capsys.readouterr().err
