@@ -34,16 +34,14 @@ def test_figures(config: Config, submission: Path) -> TestFigures | None:
 
     from spine_ml.competition.metric import score
     from spine_ml.competition.tables import read_train_labels
-    from spine_ml.training.prior import FILL_PSEUDO_COUNT, prior_probabilities, prior_table
+    from spine_ml.training.prior import train_prior_submission
 
     root = config.path(config.data.root)
     if not (root / "test_labels.csv").is_file() or not submission.is_file():
         return None  # the real competition data has no test labels
     truth = read_train_labels(root / "test_labels.csv")
     # fitted on the train labels only; the pseudo-count keeps a class unseen in train from costing log(eps)
-    prior = prior_table(read_train_labels(root / "train.csv"), pseudo_count=FILL_PSEUDO_COUNT)
-    prior_frame = pd.DataFrame(prior_probabilities(truth, prior), columns=["normal_mild", "moderate", "severe"])
-    prior_frame.insert(0, "row_id", truth.row_id.to_numpy())
+    prior_frame = train_prior_submission(truth, read_train_labels(root / "train.csv"))
     oracle = pd.read_csv(root / "oracle_test.csv")
     return TestFigures(ensemble=score(truth, pd.read_csv(submission)).score, prior=score(truth, prior_frame).score,
                        oracle=score(truth, oracle).score)

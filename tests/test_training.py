@@ -15,7 +15,7 @@ from spine_ml.config import Config
 from spine_ml.training.device import DeviceError, cap_threads, resolve_device
 from spine_ml.training.loop import make_optimizer, make_scheduler
 from spine_ml.training.losses import SeverityLoss, any_severe_loss
-from spine_ml.training.prior import gap_closed, prior_submission, prior_table
+from spine_ml.training.prior import gap_closed, prior_submission, prior_table, train_prior_submission
 
 from conftest import REAL_LABELS
 
@@ -91,6 +91,17 @@ def test_prior_is_class_frequency_times_sample_weight():
     assert smoothed[2] > 0 and smoothed.sum() == pytest.approx(1)
     assert gap_closed(0.4, prior=0.8, oracle=0.3) == pytest.approx(0.8)
     assert gap_closed(0.4, prior=0.8, oracle=None) is None
+
+
+def test_train_prior_submission_scores_test_rows_with_the_train_frequencies():
+    """The test split's "prior" end: train labels (2 normal, 1 moderate) with the fill pseudo-count
+    0.5, weighted 1/2/4: (2.5, 3.0, 2.0) / 7.5, whatever the test labels are."""
+    train = pd.DataFrame({"condition": ["spinal_canal_stenosis"] * 3, "level": ["l1_l2"] * 3, "label": [0, 0, 1]})
+    truth = pd.DataFrame({"row_id": ["7_spinal_canal_stenosis_l1_l2"], "study_id": [7],
+                          "condition": ["spinal_canal_stenosis"], "level": ["l1_l2"], "label": [2]})
+    frame = train_prior_submission(truth, train)
+    assert list(frame.columns) == ["row_id", "normal_mild", "moderate", "severe"]
+    np.testing.assert_allclose(frame.iloc[0, 1:].to_numpy(np.float64), [2.5 / 7.5, 3.0 / 7.5, 2.0 / 7.5])
 
 
 def test_schedules_shape_the_learning_rate():

@@ -49,10 +49,13 @@ def run_checkpoints(config, run_id: str, folder: Path) -> list[Path]:
 
 
 def test_report(data_root: Path, path: Path) -> dict[str, float] | None:
-    """Score against test_labels.csv (synthetic data only), with the prior and oracle for the gap."""
+    """Score against test_labels.csv (synthetic data only), with the prior and oracle for the gap.
+
+    The prior is what a submission without a model scores: the train labels' prior (as `make demo`
+    reports it); only without a train.csv beside the test labels, the in-sample best constant."""
     from spine_ml.competition.metric import score
     from spine_ml.competition.tables import read_train_labels
-    from spine_ml.training.prior import prior_submission
+    from spine_ml.training.prior import prior_submission, train_prior_submission
 
     labels = data_root / "test_labels.csv"
     if not labels.is_file():
@@ -66,7 +69,10 @@ def test_report(data_root: Path, path: Path) -> dict[str, float] | None:
     if oracle_path.is_file():
         oracle = pd.read_csv(oracle_path)[["row_id", "normal_mild", "moderate", "severe"]]
         report["oracle_score"] = score(truth, oracle, "oracle").score
-        report["prior_score"] = score(truth, prior_submission(truth), "prior").score
+        train = data_root / "train.csv"
+        prior = (train_prior_submission(truth, read_train_labels(train)) if train.is_file()
+                 else prior_submission(truth))
+        report["prior_score"] = score(truth, prior, "prior").score
         gap = report["prior_score"] - report["oracle_score"]
         report["gap_closed"] = (report["prior_score"] - report["test_score"]) / gap if gap > 0 else float("nan")
     return report

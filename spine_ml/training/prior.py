@@ -36,6 +36,16 @@ def prior_probabilities(rows: pd.DataFrame, table: pd.DataFrame) -> np.ndarray:
     return table.reindex(keys).to_numpy(np.float64)
 
 
+def train_prior_submission(truth: pd.DataFrame, train_labels: pd.DataFrame) -> pd.DataFrame:
+    """What a submission without a model scores on `truth` (long form): the train labels' prior (with
+    the fill pseudo-count, as predict's fallback rows use), in submission layout. The "prior" end of
+    the test split's prior -> oracle gap."""
+    from spine_ml.competition.submission import normalised_frame
+
+    table = prior_table(train_labels, pseudo_count=FILL_PSEUDO_COUNT)
+    return normalised_frame(truth.row_id, prior_probabilities(truth, table))
+
+
 def prior_submission(truth: pd.DataFrame) -> pd.DataFrame:
     """The in-sample best constant for every row of `truth` (long form), in submission layout."""
     from spine_ml.competition.submission import normalised_frame
