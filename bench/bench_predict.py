@@ -27,10 +27,10 @@ import numpy as np
 PROJECT = Path(__file__).resolve().parents[1]
 
 
-def make_data(folder: Path, studies: int, image_size: int) -> Path:
+def make_data(folder: Path, studies: int, image_size: int, name: str) -> Path:
     from spine_ml.synth.generate import generate_dataset
 
-    out = folder / f"data-{image_size}"
+    out = folder / f"data-{name}-{image_size}"  # the demo and real sets may share a size
     generate_dataset(out, studies=2, test_studies=studies, seed=11, image_size=image_size, workers=1)
     return out
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"device": device, "threads": args.threads, "folds": args.folds}
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        demo_data = make_data(scratch, args.test_studies, args.image_size)
+        demo_data = make_data(scratch, args.test_studies, args.image_size, "demo")
         studies = sorted({int(p.name) for p in (demo_data / "test_images").iterdir()})
         demo = demo.with_updates({"predict.crops_dir": str(scratch / "crops")})
         localise, crops = time_localise(demo, demo_data, studies)
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         report["demo"] = {"image_size": args.image_size, "backbone": demo.model.backbone,
                           "localise_crop_s_per_study": round(localise, 3), "classify_s_per_study": round(classify, 3),
                           "studies_per_s": round(1 / (localise + classify), 3)}
-        real_data = make_data(scratch, 2, args.real_image_size)
+        real_data = make_data(scratch, 2, args.real_image_size, "real")
         real_studies = sorted({int(p.name) for p in (real_data / "test_images").iterdir()})
         real = real.with_updates({"model.pretrained": False, "predict.crops_dir": str(scratch / "crops-real"),
                                   "localizer.input_px": 256})
