@@ -10,7 +10,8 @@ The overhead ratio also counts slots left idle while the last, longest trials fi
 slots, one backbone 2.4x slower than the other: whichever trial Optuna samples last runs alone).
 To tell that packing loss from the sweep machinery's own cost, the script also list-schedules the
 measured trial walls in their start order on the same slots with zero overhead (`ideal_makespan_s`)
-and prints sweep wall / that makespan (`machinery_overhead_ratio`).
+and prints sweep wall / that makespan (`machinery_overhead_ratio`) and that makespan / (Σ trial wall
+/ slots) (`packing_bound_ratio`: what the overhead ratio would be if the sweep cost nothing).
 
     .venv/bin/python bench/bench_sweep.py [--config sweeps/demo.yaml] [--trials 8] [--json out.json]
 """
@@ -109,6 +110,7 @@ def main() -> int:
         "concurrency": full["concurrency"],
         "ideal_makespan_s": round(ideal, 1),
         "machinery_overhead_ratio": round(full["wall"] / ideal, 3),
+        "packing_bound_ratio": round(ideal / (trial_wall / full["concurrency"]), 3),  # the ratio at zero overhead
         "epochs_full_budget": epochs_full,
         "epochs_asha": epochs_asha,
         "epoch_compute_saved": round(1 - epochs_asha / epochs_full, 3),
