@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -92,6 +93,13 @@ def test_two_node_cluster_and_mlflow_server(tmp_path, tiny_data):
     store.mkdir()
     env = {**os.environ, "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
+    # Ray 2.60 turns token authentication on for a head once ~/.ray/auth_token exists (any local
+    # ray.init writes it), but `ray start --address` does not pick the token up by itself: as on a
+    # real cluster, every process gets the cluster's token and RAY_AUTH_MODE=token explicitly.
+    token = tmp_path / "ray_auth_token"
+    token.write_text(secrets.token_hex(32))
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    env.pop("RAY_AUTH_TOKEN", None)
     started: list[subprocess.Popen] = []
     ray = [str(Path(sys.executable).parent / "ray")]
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars

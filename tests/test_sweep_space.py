@@ -95,3 +95,28 @@ def test_every_shipped_backbone_builds_and_grades(backbone):
     with torch.no_grad():
         logits = model(torch.zeros(2, 3, 64, 64), torch.tensor([0, 4]))
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+
+
+def test_searcher_survives_a_result_replayed_after_a_driver_crash(config, tmp_path):
+    """Optuna's storage closed a trial that Tune's restored state still thinks is running (the driver
+    was killed between the two saves): the replayed result must not stop the sweep."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    from spine_ml.sweep.search import ResumableOptunaSearch
+
+    def searcher(cls, name):
+        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+        made = cls(space=define_by_run(config), metric="objective", mode="min", study_name=name,
+                   storage=storage, sampler=optuna.samplers.TPESampler(seed=0))
+        made.suggest("t1")
+        made._ot_study.tell(made._ot_trials["t1"], 0.5)  # what the killed driver's Optuna had stored
+        return made
+
+    plain = searcher(OptunaSearch, "plain")
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        plain.on_trial_result("t1", {"objective": 0.5, "training_iteration": 1})
+    resumable = searcher(ResumableOptunaSearch, "resumable")
+    resumable.on_trial_result("t1", {"objective": 0.5, "training_iteration": 1})
+    resumable.on_trial_complete("t1", {"objective": 0.5})
+    trials = resumable._ot_study.get_trials()
+    assert len(trials) == 1 and trials[0].value == 0.5 and trials[0].state == optuna.trial.TrialState.COMPLETE

@@ -50,6 +50,28 @@ def test_experiment_created_under_project_mlruns_and_reused(project, monkeypatch
     assert experiment.artifact_location == (project / "mlruns" / "artifacts" / "tests").as_uri()
 
 
+def test_processes_opening_a_fresh_store_at_once_all_succeed(project):
+    """Three processes create the project's SQLite store at the same instant (a sweep starting while
+    `spine-ml ui` opens, trial workers): unserialised, MLflow's schema migration fails in all but one."""
+    import subprocess
+    import sys
+    import time
+
+    script = ("import sys, time\n"
+              "from spine_ml.config import load_config\n"
+              "from spine_ml.tracking.store import client\n"
+              "config = load_config(sys.argv[1])\n"
+              "while time.time() < float(sys.argv[2]): pass\n"
+              "client(config).search_experiments()\n"
+              "print('opened')\n")
+    start = str(time.time() + 8)  # after every interpreter has imported MLflow
+    processes = [subprocess.Popen([sys.executable, "-c", script, str(project / "sweeps" / "t.yaml"), start],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [process.communicate(timeout=120) for process in processes]
+    for (out, err), process in zip(results, processes):
+        assert process.returncode == 0 and "opened" in out, err[-2000:]
+
+
 def test_unwritable_store_is_a_user_error_naming_it(project):
     (project / "mlruns").write_text("not a folder")
     with pytest.raises(TrackingError, match="mlruns"):

@@ -70,10 +70,10 @@ def build_tuner(config: Config, experiment_id: str, parent_run_id: str, resume: 
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from spine_ml.sweep.callbacks import LiveTable, MlflowTrialRecords
     from spine_ml.sweep.localizer import run_localizer_trial
+    from spine_ml.sweep.search import ResumableOptunaSearch
     from spine_ml.sweep.space import define_by_run, max_fold0_epochs
     from spine_ml.sweep.trainable import run_sweep_trial
 
@@ -93,7 +93,7 @@ def build_tuner(config: Config, experiment_id: str, parent_run_id: str, resume: 
     if config.sweep.name in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
         optuna.delete_study(study_name=config.sweep.name, storage=storage)  # a stale study of an unstarted sweep
     # metric/mode given here too: a searcher built with its own space ignores TuneConfig's
-    searcher = OptunaSearch(space=define_by_run(config), metric="objective", mode="min",
+    searcher = ResumableOptunaSearch(space=define_by_run(config), metric="objective", mode="min",
                             sampler=optuna.samplers.TPESampler(seed=config.sweep.seed),
                             study_name=config.sweep.name, storage=storage)
     if config.sweep.scheduler == "asha" and not localizer:  # a localizer trial reports once: nothing to prune

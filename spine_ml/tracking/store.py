@@ -87,9 +87,16 @@ def client(config: Config) -> MlflowClient:
     from mlflow import MlflowClient
 
     _quiet_mlflow_loggers()
-    if uses_project_store(config):
-        check_store_writable(config)
-    return MlflowClient(tracking_uri=tracking_uri(config))
+    if not uses_project_store(config):
+        return MlflowClient(tracking_uri=tracking_uri(config))
+    from filelock import FileLock
+
+    check_store_writable(config)
+    # Processes opening a fresh SQLite store at once (a sweep and `spine-ml ui`, trial workers) race
+    # in its schema migration and all but one fail (alembic: "expected to match one row"): one at a
+    # time, the later ones find the schema current.
+    with FileLock(str(store_dir(config) / ".mlflow.db.lock"), timeout=300):
+        return MlflowClient(tracking_uri=tracking_uri(config))
 
 
 def ensure_experiment(config: Config) -> str:
