@@ -170,8 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     module_name, function_name = args.handler.split(":")
     handler = getattr(importlib.import_module(module_name), function_name)
     from spine_ml.errors import UserError
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     try:
-        return int(handler(args) or 0)
+        with logging_redirect_tqdm():  # log lines above the progress bars, not glued to them
+            return int(handler(args) or 0)
     except UserError as error:
         print(f"spine-ml {args.verb}: error: {error}", file=sys.stderr)
         return 2

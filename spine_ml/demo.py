@@ -150,10 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", nargs="?", default="sweeps/demo.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
+    import logging
+
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from spine_ml.errors import UserError
 
+    # as `spine-ml` does: one format, and log lines printed above the progress bars, not glued to them
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return run(args.config, args.overrides)
+        with logging_redirect_tqdm():
+            return run(args.config, args.overrides)
     except UserError as error:
         print(f"demo: error: {error}", file=sys.stderr)
         return 2
