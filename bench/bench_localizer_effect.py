@@ -15,13 +15,14 @@ localised ÷ true coordinates (the localizer's cost alone) and localised ÷ OOF.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from common import report  # noqa: E402 - bench/ is the script's folder
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -118,7 +119,7 @@ def main() -> int:
             if name == "localised":
                 out = Path(folder) / "submission.csv"
                 frame.to_csv(out, index=False)
-                report = test_report(data_root, out) or {}
+                gap = test_report(data_root, out) or {}
     figures = {
         "run": run_id, "oof_score": round(oof, 4),
         "test_localised": round(scores["localised"], 4),
@@ -126,14 +127,11 @@ def main() -> int:
         "localised_over_true": round(scores["localised"] / scores["true_coordinates"], 4),
         "localised_over_oof": round(scores["localised"] / oof, 4),
         "true_over_oof": round(scores["true_coordinates"] / oof, 4),
-        "prior_score": round(report.get("prior_score", float("nan")), 4),
-        "oracle_score": round(report.get("oracle_score", float("nan")), 4),
-        "gap_closed_localised": round(report.get("gap_closed", float("nan")), 4),
+        "prior_score": round(gap.get("prior_score", float("nan")), 4),
+        "oracle_score": round(gap.get("oracle_score", float("nan")), 4),
+        "gap_closed_localised": round(gap.get("gap_closed", float("nan")), 4),
     }
-    for name, value in figures.items():
-        print(f"{name:24} {value}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+    report(figures, args.json)
     return 0
 
 

@@ -18,12 +18,12 @@ and prints sweep wall / that makespan (`machinery_overhead_ratio`) and that make
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import project_copy, report  # noqa: E402 - bench/ is the script's folder
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -80,17 +80,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as folder:
         root = Path(folder)
-        (root / "sweeps").mkdir()
-        config_copy = root / "sweeps" / Path(args.config).name
-        shutil.copy(args.config, config_copy)
-        # the data set is shared with the project (made once); caches, runs and Ray state stay in the temp root
-        from spine_ml.config import load_config
-
-        source = load_config(args.config)
-        data_root = source.path(source.data.root)
-        text = config_copy.read_text().replace(f"root: {source.data.root}", f"root: {data_root}")
-        config_copy.write_text(text)
-
+        config_copy = project_copy(Path(args.config).resolve(), root)
         full = run(config_copy, args.trials, root, "none")
         asha = run(config_copy, args.trials, root, "asha")
         cache_root = root / "data" / "cache"  # crop caches are folders; their .lock files are not caches
@@ -120,10 +110,7 @@ def main() -> int:
         "best_score_ratio": round(best_asha / best_full, 4),
         "crop_caches_built": caches,
     }
-    for key, value in figures.items():
-        print(f"{key:24} {value}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+    report(figures, args.json)
     return 0
 
 

@@ -16,13 +16,14 @@ raylet, idle workers, the trial actors) every --interval seconds. Reported:
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import project_copy, report  # noqa: E402 - bench/ is the script's folder
 
 PROJECT = Path(__file__).resolve().parents[1]
 TRIAL_MARKERS = ("ray::ImplicitFunc", "run_sweep_trial")
@@ -126,18 +127,6 @@ def stop_leftovers(started: dict[int, float]) -> None:
         process.kill()
 
 
-def project_copy(config: Path, root: Path) -> Path:
-    """The config in a throw-away project (its own cache, mlruns, Ray state), data root made absolute."""
-    from spine_ml.config import load_config
-
-    source = load_config(config)
-    (root / "sweeps").mkdir(parents=True)
-    copy = root / "sweeps" / config.name
-    text = config.read_text().replace(f"root: {source.data.root}", f"root: {source.path(source.data.root)}")
-    copy.write_text(text)
-    return copy
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(PROJECT / "sweeps" / "demo.yaml"))
@@ -166,10 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         "rss_total_over_trials": round(peaks["total"] / max(1.0, 2 * peaks["trial"]), 2),
         "sweep_wall_s": round(peaks["wall"], 1),
     }
-    for key, value in figures.items():
-        print(f"{key:24} {value}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+    report(figures, args.json)
     return 0
 
 

@@ -22,36 +22,24 @@ class TestFigures:
     ensemble: float
     prior: float
     oracle: float
-
-    @property
-    def gap_closed(self) -> float:
-        return (self.prior - self.ensemble) / (self.prior - self.oracle)
+    gap_closed: float
 
 
 def test_figures(config: Config, submission: Path) -> TestFigures | None:
-    """The submission, the best constant prior (from the train labels) and the oracle on test_labels.csv."""
-    import pandas as pd
+    """The submission, the best constant prior (from the train labels) and the oracle on test_labels.csv
+    (`spine-ml predict`'s test report); None on real data, which has no test labels."""
+    from spine_ml.predict.run import test_report
 
-    from spine_ml.competition.metric import score
-    from spine_ml.competition.tables import read_train_labels
-    from spine_ml.training.prior import train_prior_submission
-
-    root = config.path(config.data.root)
-    if not (root / "test_labels.csv").is_file() or not submission.is_file():
-        return None  # the real competition data has no test labels
-    truth = read_train_labels(root / "test_labels.csv")
-    # fitted on the train labels only; the pseudo-count keeps a class unseen in train from costing log(eps)
-    prior_frame = train_prior_submission(truth, read_train_labels(root / "train.csv"))
-    oracle = pd.read_csv(root / "oracle_test.csv")
-    return TestFigures(ensemble=score(truth, pd.read_csv(submission)).score, prior=score(truth, prior_frame).score,
-                       oracle=score(truth, oracle).score)
+    report = test_report(config.path(config.data.root), submission) if submission.is_file() else None
+    if not report or "oracle_score" not in report:
+        return None
+    return TestFigures(ensemble=report["test_score"], prior=report["prior_score"], oracle=report["oracle_score"],
+                       gap_closed=report["gap_closed"])
 
 
 def member_test_lines(config: Config, summary, localizer: str) -> list[str]:
     """Per chosen member: its OOF score (true coordinates) against its test score (localised crops),
     read from the test predictions the ensemble just cached on the member's run."""
-    import pandas as pd
-
     from spine_ml.competition.metric import score
     from spine_ml.competition.tables import read_train_labels
     from spine_ml.ensemble.testpred import member_test_predictions, prepare_test_set

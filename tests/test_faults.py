@@ -9,6 +9,7 @@ RLIMIT_FSIZE test (any user: writes past the limit fail with EFBIG) stands in fo
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import resource
@@ -212,6 +213,24 @@ def remember(driver, started: dict[int, float]) -> None:
         pass
 
 
+@contextlib.contextmanager
+def sweep_driver(command: list[str], log_path: Path, env: dict[str, str]):
+    """(driver, pids seen under it) of a sweep writing to `log_path`; on exit every process of its
+    tree still alive is stopped, by pid and creation time."""
+    import psutil
+
+    started: dict[int, float] = {}
+    with open(log_path, "w") as log:
+        driver = psutil.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        try:
+            yield driver, started
+        finally:
+            remember(driver, started)
+            if driver.poll() is None:
+                driver.kill()
+            stop_tree(started)
+
+
 def runs_of(path: Path, overrides: list[str]):
     from spine_ml.config import load_config
     from spine_ml.sweep.records import trial_runs
@@ -224,18 +243,13 @@ def runs_of(path: Path, overrides: list[str]):
 @pytest.mark.slow
 @pytest.mark.parametrize("max_failures, outcome", [(1, "retried to FINISHED"), (0, "FAILED")])
 def test_killed_trial_worker_is_retried_or_failed(tmp_path, tiny_data, monkeypatch, max_failures, outcome):
-    import psutil
-
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     overrides = ["sweep.num_samples=2", "sweep.max_concurrent=1", "sweep.scheduler=none", "train.epochs=3",
                  f"sweep.max_failures={max_failures}", "sweep.name=kill"]
     path, settings = sweep_project(tmp_path, tiny_data, overrides)
-    log = open(tmp_path / "sweep.log", "w")
-    driver = psutil.Popen(SPINE + ["sweep", str(path), *settings], stdout=log, stderr=subprocess.STDOUT,
-                          start_new_session=True, env={**os.environ, "SPINE_ML_QUIET": "0"})  # the live table
-    started: dict[int, float] = {}
     killed = None
-    try:
+    with sweep_driver(SPINE + ["sweep", str(path), *settings], tmp_path / "sweep.log",
+                      {**os.environ, "SPINE_ML_QUIET": "0"}) as (driver, started):  # the live table
         deadline = time.time() + 600
         while killed is None and driver.poll() is None and time.time() < deadline:
             remember(driver, started)
@@ -246,12 +260,6 @@ def test_killed_trial_worker_is_retried_or_failed(tmp_path, tiny_data, monkeypat
             time.sleep(0.5)
         assert killed is not None, "no trial process appeared"
         code = driver.wait(timeout=900)
-    finally:
-        remember(driver, started)
-        if driver.poll() is None:
-            driver.kill()
-        stop_tree(started)
-        log.close()
     output = (tmp_path / "sweep.log").read_text()
     assert code == 0, output[-3000:]
     runs = runs_of(path, overrides)
@@ -316,8 +324,6 @@ def test_mlflow_server_down_mid_sweep_is_a_clear_failure(tmp_path, tiny_data):
     worker asks the server whether it already finished), the driver cannot record it either, and
     the sweep exits non-zero with a last line naming the server; what the server recorded before
     the outage stays there. (Ray prints the trial's traceback on the way: see the report of issue 10.)"""
-    import psutil
-
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = start_mlflow_server(tmp_path / "server", port)
@@ -326,27 +332,19 @@ def test_mlflow_server_down_mid_sweep_is_a_clear_failure(tmp_path, tiny_data):
     path, settings = sweep_project(tmp_path / "project", tiny_data, overrides)
     env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}  # bound MLflow's own retries (minutes by default)
-    log = open(tmp_path / "sweep.log", "w")
-    driver = psutil.Popen(SPINE + ["sweep", str(path), *settings], stdout=log, stderr=subprocess.STDOUT,
-                          start_new_session=True, env=env)
-    started: dict[int, float] = {}
     try:
-        deadline = time.time() + 600
-        while driver.poll() is None and time.time() < deadline and finished_trials_on(url) < 1:
-            remember(driver, started)
-            time.sleep(1)
-        assert driver.poll() is None, "the sweep ended before the server could be stopped"
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-        code = driver.wait(timeout=900)
+        with sweep_driver(SPINE + ["sweep", str(path), *settings], tmp_path / "sweep.log", env) as (driver, started):
+            deadline = time.time() + 600
+            while driver.poll() is None and time.time() < deadline and finished_trials_on(url) < 1:
+                remember(driver, started)
+                time.sleep(1)
+            assert driver.poll() is None, "the sweep ended before the server could be stopped"
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+            code = driver.wait(timeout=900)
     finally:
-        remember(driver, started)
-        if driver.poll() is None:
-            driver.kill()
-        stop_tree(started)
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
-        log.close()
     output = (tmp_path / "sweep.log").read_text()
     assert code != 0, output[-3000:]
     assert url in output.strip().splitlines()[-1], output[-2000:]

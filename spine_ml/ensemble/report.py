@@ -20,11 +20,10 @@ import pandas as pd
 from spine_ml.competition import vocabulary as V
 from spine_ml.ensemble.budget import Candidate
 from spine_ml.ensemble.select import Member
+from spine_ml.tracking.store import RUN_KIND_TAG as KIND_TAG
 
 if TYPE_CHECKING:
     from spine_ml.config import Config
-
-from spine_ml.tracking.store import RUN_KIND_TAG as KIND_TAG
 
 
 @dataclass

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from spine_ml.errors import UserError
+from spine_ml.tracking.store import RUN_KIND_TAG as KIND_TAG
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
     from spine_ml.config import Config
 
 log = logging.getLogger(__name__)
-from spine_ml.tracking.store import RUN_KIND_TAG as KIND_TAG
 STATE_TAG = "spine_ml.trial_state"
 MEMBER_KINDS = ("trial", "train")
 OOF_ARTIFACT = "oof.csv"

@@ -207,9 +207,8 @@ def verify(config, folder: Path, run, scratch: Path, half: bool) -> dict | None:
     measured["max_abs_difference_vs_ensemble_submission"] = difference
     if difference > EXACT and not half:
         log.warning("the bundle's predictions differ from the ensemble's submission.csv by up to %.3g (more than "
-                    "%g): the ensemble used another localizer (pass --localizer RUN_ID), other test data, or test "
-                    "predictions its members cached under older spine-ml code (the cache is keyed by data and "
-                    "localizer, not code; the bundle predicts with this checkout)", difference, EXACT)
+                    "%g): the ensemble used another localizer (pass --localizer RUN_ID), other test data, or other "
+                    "spine-ml code than this checkout (run `spine-ml ensemble` again, then export)", difference, EXACT)
     print(f"bundle vs the ensemble's submission.csv: max |difference| {difference:.3g}")
     return measured
 

@@ -88,19 +88,11 @@ def bundle_predictions(bundle, data_root: Path, studies: list[int]):
     return blended_frame(row_ids, np.stack(arrays), bundle.blend)
 
 
-def listed_studies(data_root: Path) -> list[int]:
-    from spine_ml.competition.submission import expected_studies
-
-    if not (data_root / "test_series_descriptions.csv").is_file():
-        raise UserError(f"{data_root}: no test_series_descriptions.csv; --data must name a folder in the Kaggle "
-                        f"layout (test_series_descriptions.csv + test_images/)")
-    return expected_studies(data_dir=data_root)
-
-
 def predict_bundle(folder: Path | str, data_root: Path | str, out: Path | str) -> BundleRun:
     """Predict every test study of `data_root` with the bundle in `folder`; write and validate `out`."""
     from spine_ml.competition.submission import validate_submission, write_predictions
     from spine_ml.export.load import load_bundle
+    from spine_ml.predict.run import listed_studies
 
     data_root, out = Path(data_root).resolve(), Path(out)
     studies = listed_studies(data_root)
@@ -129,8 +121,7 @@ def cli(args) -> int:
         print(line)
         if line.startswith("WARNING"):
             log.warning("%s", line.removeprefix("WARNING: "))
-    from spine_ml.predict.run import test_report
+    from spine_ml.predict.run import print_test_report
 
-    for key, value in (test_report(data_root, run.out) or {}).items():
-        print(f"{key:<13} {value:.4f}")
+    print_test_report(data_root, run.out)
     return 0

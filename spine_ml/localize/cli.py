@@ -3,6 +3,7 @@ it as an MLflow run (the run id is what `spine-ml predict --localizer` takes).""
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from pathlib import Path
 
@@ -28,10 +29,11 @@ def cli(args) -> int:
         if key in result.metrics:
             test = result.metrics.get(f"test_{key}")
             print(f"{key:<20} {result.metrics[key]:>9.4f}" + (f" {test:>9.4f}" if test is not None else ""))
-    if result.metrics.get("p90_error_mm", float("nan")) == result.metrics.get("p90_error_mm"):
+    p90 = result.metrics.get("p90_error_mm")
+    if p90 is not None and math.isfinite(p90):  # NaN: nothing found on the held-out studies
         from spine_ml.localize.metrics import suggested_shift_px
 
-        shift = suggested_shift_px(result.metrics["p90_error_mm"], config.prepare.pixel_mm)
+        shift = suggested_shift_px(p90, config.prepare.pixel_mm)
         print(f"classifier coordinate jitter to match it: --set train.augment.shift_px={shift:.1f} "
               f"(now {config.train.augment.shift_px:g}; uniform +-s px has a p90 offset of 1.11 s)")
     print(f"use it: spine-ml predict {args.config} --run RUN_ID --localizer {run_id}")

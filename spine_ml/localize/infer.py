@@ -82,13 +82,18 @@ class Localizer:
         return np.concatenate(out) if out else np.zeros((0, L.LANDMARKS, self.grid, self.grid), np.float32)
 
 
-def _peak_site(series_id: int, stack: Stack, maps: np.ndarray, slice_indices, grid: int) -> Site:
-    """The arg-max over (slice, row, column) of one channel's maps (n, grid, grid), refined sub-cell."""
-    flat = int(np.argmax(maps))
-    n, row, column = np.unravel_index(flat, maps.shape)
-    v, u = L.refine_peak(maps[n], int(row), int(column))
+def _refined_site(series_id: int, stack: Stack, maps: np.ndarray, slice_indices, grid: int, n: int, row: int,
+                  column: int) -> Site:
+    """The site of grid cell (row, column) of maps[n] (n, grid, grid), refined sub-cell on that slice."""
+    v, u = L.refine_peak(maps[n], row, column)
     return Site(series_id, stack, int(slice_indices[n]), float(L.from_grid(u, stack.columns, grid)),
                 float(L.from_grid(v, stack.rows, grid)), float(maps[n, row, column]))
+
+
+def _peak_site(series_id: int, stack: Stack, maps: np.ndarray, slice_indices, grid: int) -> Site:
+    """The arg-max over (slice, row, column) of one channel's maps (n, grid, grid), refined sub-cell."""
+    n, row, column = np.unravel_index(int(np.argmax(maps)), maps.shape)
+    return _refined_site(series_id, stack, maps, slice_indices, grid, int(n), int(row), int(column))
 
 
 CANDIDATES = 6  # local maxima per level channel that the ordered decoder considers
@@ -104,13 +109,9 @@ def _candidates(series_id: int, stack: Stack, maps: np.ndarray, slice_indices, g
     projection, best_slice = maps.max(axis=0), maps.argmax(axis=0)
     peaks = np.argwhere((projection == maximum_filter(projection, size=3, mode="constant")) & (projection > 0))
     peaks = peaks[np.argsort(-projection[peaks[:, 0], peaks[:, 1]], kind="stable")][:CANDIDATES]
-    sites = []
-    for row, column in peaks:
-        n = int(best_slice[row, column])
-        v, u = L.refine_peak(maps[n], int(row), int(column))
-        sites.append(Site(series_id, stack, int(slice_indices[n]), float(L.from_grid(u, stack.columns, grid)),
-                          float(L.from_grid(v, stack.rows, grid)), float(projection[row, column])))
-    return sites
+    # projection[row, column] is maps[best_slice[row, column], row, column]: the site's score as before
+    return [_refined_site(series_id, stack, maps, slice_indices, grid, int(best_slice[row, column]), int(row),
+                          int(column)) for row, column in peaks]
 
 
 def ordered_levels(candidates: list[list[Site]], spacing_weight: float = None) -> list[Site] | None:

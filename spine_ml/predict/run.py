@@ -55,7 +55,7 @@ def test_report(data_root: Path, path: Path) -> dict[str, float] | None:
     reports it); only without a train.csv beside the test labels, the in-sample best constant."""
     from spine_ml.competition.metric import score
     from spine_ml.competition.tables import read_train_labels
-    from spine_ml.training.prior import prior_submission, train_prior_submission
+    from spine_ml.training.prior import gap_closed, prior_submission, train_prior_submission
 
     labels = data_root / "test_labels.csv"
     if not labels.is_file():
@@ -73,13 +73,28 @@ def test_report(data_root: Path, path: Path) -> dict[str, float] | None:
         prior = (train_prior_submission(truth, read_train_labels(train)) if train.is_file()
                  else prior_submission(truth))
         report["prior_score"] = score(truth, prior, "prior").score
-        gap = report["prior_score"] - report["oracle_score"]
-        report["gap_closed"] = (report["prior_score"] - report["test_score"]) / gap if gap > 0 else float("nan")
+        closed = gap_closed(report["test_score"], report["prior_score"], report["oracle_score"])
+        report["gap_closed"] = float("nan") if closed is None else closed
     return report
 
 
+def print_test_report(data_root: Path, path: Path) -> None:
+    for key, value in (test_report(data_root, path) or {}).items():
+        print(f"{key:<13} {value:.4f}")
+
+
+def listed_studies(data_root: Path) -> list[int]:
+    """The studies of DATA/test_series_descriptions.csv, or a UserError saying what --data must be."""
+    from spine_ml.competition.submission import expected_studies
+
+    if not (data_root / "test_series_descriptions.csv").is_file():
+        raise UserError(f"{data_root}: no test_series_descriptions.csv; --data must name a folder in the Kaggle "
+                        f"layout (test_series_descriptions.csv + test_images/)")
+    return expected_studies(data_dir=data_root)
+
+
 def cli(args) -> int:
-    from spine_ml.competition.submission import expected_studies, validate_submission, write_predictions
+    from spine_ml.competition.submission import validate_submission, write_predictions
     from spine_ml.config import load_config
     from spine_ml.prepare.cache import ensure_data
     from spine_ml.progress import quiet_library_bars
@@ -96,10 +111,7 @@ def cli(args) -> int:
     if not args.data:
         ensure_data(config)
     data_root = Path(args.data).resolve() if args.data else config.path(config.data.root)
-    if not (data_root / "test_series_descriptions.csv").is_file():
-        raise UserError(f"{data_root}: no test_series_descriptions.csv; --data must name a folder in the Kaggle "
-                        f"layout (test_series_descriptions.csv + test_images/)")
-    studies = expected_studies(data_dir=data_root)
+    studies = listed_studies(data_root)
     with tempfile.TemporaryDirectory(prefix="predict-") as folder:
         member = run_config(config, args.run, Path(folder))
         checkpoints = run_checkpoints(config, args.run, Path(folder))
@@ -114,7 +126,5 @@ def cli(args) -> int:
     if problems:
         raise UserError(f"{out} failed validation: " + "; ".join(problems))
     print(f"wrote {out}: {len(frame)} rows for {len(studies)} studies (validated)")
-    report = test_report(data_root, out)
-    for key, value in (report or {}).items():
-        print(f"{key:<13} {value:.4f}")
+    print_test_report(data_root, out)
     return 0

@@ -7,7 +7,6 @@ Results come back in task order, which keeps the cache byte-identical for any wo
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,8 +111,9 @@ def _worker_start() -> None:
 
 
 def worker_count(requested: int, tasks: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(requested or cores, tasks))
+    from spine_ml.cpus import available_cpus
+
+    return max(1, min(requested or available_cpus(), tasks))
 
 
 def run_tasks(tasks: list[StudyTask], prepare_cfg, workers: int):

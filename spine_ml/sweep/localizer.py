@@ -83,7 +83,8 @@ def finished_rows(config: Config, experiment_id: str) -> list[dict]:
 def choose_best(config: Config, experiment_id: str, parent_run_id: str) -> str | None:
     """Tag the best finished trial as the default localizer (and name it on the parent run)."""
     from spine_ml.localize.store import choose_localizer
-    from spine_ml.sweep.records import _retry, client
+    from spine_ml.sweep.records import _retry
+    from spine_ml.tracking.store import client
 
     rows = finished_rows(config, experiment_id)
     if not rows:

@@ -10,23 +10,18 @@ import time
 from typing import Any
 
 from spine_ml.config import Config
+from spine_ml.tracking.store import RUN_KIND_TAG as KIND_TAG
+from spine_ml.tracking.store import client
 
 SWEEP_TAG = "spine_ml.sweep"
 TRIAL_TAG = "spine_ml.trial_id"
 STATE_TAG = "spine_ml.trial_state"  # finished | pruned | failed
-from spine_ml.tracking.store import RUN_KIND_TAG as KIND_TAG
 
 
 def trial_kind(config: Config) -> str:
     """The run kind of a trial: `trial` (a classifier, an ensemble candidate) or `localizer` (so that
     --localizer RUN_ID and latest_localizer_run see it)."""
     return "localizer" if config.sweep.target == "localizer" else "trial"
-
-
-def client(config: Config):
-    from spine_ml.tracking.store import client as store_client
-
-    return store_client(config)
 
 
 def _retry(call, attempts: int = 5):

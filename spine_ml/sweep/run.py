@@ -102,7 +102,8 @@ def build_tuner(config: Config, experiment_id: str, parent_run_id: str, resume: 
                                   reduction_factor=config.sweep.reduction_factor)
     else:
         scheduler = FIFOScheduler()
-    quiet = os.environ.get("SPINE_ML_QUIET") == "1"
+    from spine_ml.progress import quiet
+
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric="objective", mode="min", search_alg=searcher, scheduler=scheduler,
@@ -112,7 +113,7 @@ def build_tuner(config: Config, experiment_id: str, parent_run_id: str, resume: 
             name=config.sweep.name, storage_path=str(path.parent), verbose=0,
             failure_config=tune.FailureConfig(max_failures=config.sweep.max_failures),
             callbacks=[MlflowTrialRecords(config.to_dict(), str(config.project_root), experiment_id, parent_run_id),
-                       LiveTable(list(config.search), quiet=quiet, score_label="err_mm" if localizer else "score")]),
+                       LiveTable(list(config.search), quiet=quiet(), score_label="err_mm" if localizer else "score")]),
     )
 
 

@@ -121,14 +121,13 @@ def _prepare_out(out: Path, force: bool) -> None:
 
 
 def _run(tasks: list[StudyTask], workers: int) -> list[StudyResult]:
-    from tqdm import tqdm
+    from spine_ml.cpus import available_cpus
+    from spine_ml.progress import progress as progress_bar
 
-    quiet = os.environ.get("SPINE_ML_QUIET") == "1"
     if not workers:  # all cores, but a spawned process only pays for itself over a few studies
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        workers = min(cores, -(-len(tasks) // 4))
+        workers = min(available_cpus(), -(-len(tasks) // 4))
     workers = min(workers, len(tasks))
-    progress = tqdm(total=len(tasks), desc="synth studies", unit="study", disable=quiet)
+    progress = progress_bar(total=len(tasks), desc="synth studies", unit="study")
     results = []
     if workers <= 1:
         for task in tasks:

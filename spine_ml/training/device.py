@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from spine_ml.cpus import available_cpus
 from spine_ml.errors import UserError
 
 if TYPE_CHECKING:
@@ -48,13 +48,6 @@ def autocast(device: torch.device, bf16: bool):
     if bf16 and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def cap_threads() -> int:
