@@ -69,8 +69,9 @@ def localizer_line(config: Config, run_id: str) -> str:
     return f"localizer {run_id}: " + "; ".join(parts)
 
 
-def ensure_localizer(config: Config, config_path: str) -> str:
-    """The most recently chosen localizer run of the experiment, trained now when there is none."""
+def ensure_localizer(config: Config, config_path: str, overrides: list[str]) -> str:
+    """The most recently chosen localizer run of the experiment, trained now (with the demo's own
+    --set overrides) when there is none."""
     from spine_ml.localize.store import LocalizerNotFound, latest_localizer_run
 
     try:
@@ -80,7 +81,7 @@ def ensure_localizer(config: Config, config_path: str) -> str:
     from spine_ml.cli import main as spine_ml
 
     print("\n== training the level localizer ==", flush=True)
-    if spine_ml(["train-localizer", config_path]) != 0:
+    if spine_ml(["train-localizer", config_path, *[arg for o in overrides for arg in ("--set", o)]]) != 0:
         raise SystemExit("localizer training failed (see above)")
     return latest_localizer_run(config)
 
@@ -99,7 +100,7 @@ def run(config_path: str, overrides: list[str]) -> int:
           f"{config.sweep.max_concurrent} at a time ==", flush=True)
     sweep = run_sweep(config)
     print_summary(sweep, config, config_path)
-    localizer = ensure_localizer(config, config_path)
+    localizer = ensure_localizer(config, config_path, overrides)
 
     print("\n== ensemble ==", flush=True)
     submission = config.project_root / "submission.csv"
