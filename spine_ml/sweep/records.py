@@ -16,6 +16,7 @@ from spine_ml.tracking.store import client
 SWEEP_TAG = "spine_ml.sweep"
 TRIAL_TAG = "spine_ml.trial_id"
 STATE_TAG = "spine_ml.trial_state"  # finished | pruned | failed
+THREADS_TAG = "spine_ml.threads"  # the most torch threads a CPU trial used (above its CPUs: widened in the tail)
 
 
 def trial_kind(config: Config) -> str:

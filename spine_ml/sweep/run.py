@@ -66,7 +66,7 @@ def init_ray(config: Config) -> None:
                  log_to_driver=False, runtime_env=env)
 
 
-def build_tuner(config: Config, experiment_id: str, parent_run_id: str, resume: bool):
+def build_tuner(config: Config, experiment_id: str, parent_run_id: str, resume: bool, board: str | None = None):
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -75,13 +75,16 @@ def build_tuner(config: Config, experiment_id: str, parent_run_id: str, resume: 
     from spine_ml.sweep.localizer import run_localizer_trial
     from spine_ml.sweep.search import ResumableOptunaSearch
     from spine_ml.sweep.space import define_by_run, max_fold0_epochs
+    from spine_ml.sweep.threads import TailSignal
     from spine_ml.sweep.trainable import run_sweep_trial
 
     resources = config.sweep.resources
     localizer = config.sweep.target == "localizer"
+    extra = {} if localizer else {"board": board}  # a localizer trial has no epoch hook to follow the board
     trainable = tune.with_resources(
-        tune.with_parameters(run_localizer_trial if localizer else run_sweep_trial, base=config.to_dict(), project_root=str(config.project_root),
-                             experiment_id=experiment_id, parent_run_id=parent_run_id, cpus=resources.cpu),
+        tune.with_parameters(run_localizer_trial if localizer else run_sweep_trial, base=config.to_dict(),
+                             project_root=str(config.project_root), experiment_id=experiment_id,
+                             parent_run_id=parent_run_id, cpus=resources.cpu, **extra),
         {"cpu": resources.cpu, "gpu": resources.gpu})
     path = experiment_dir(config)
     if resume:
@@ -108,12 +111,14 @@ def build_tuner(config: Config, experiment_id: str, parent_run_id: str, resume: 
         trainable,
         tune_config=tune.TuneConfig(metric="objective", mode="min", search_alg=searcher, scheduler=scheduler,
                                     num_samples=config.sweep.num_samples,
-                                    max_concurrent_trials=config.sweep.max_concurrent),
+                                    max_concurrent_trials=config.sweep.max_concurrent,
+                                    reuse_actors=config.sweep.reuse_workers),
         run_config=tune.RunConfig(
             name=config.sweep.name, storage_path=str(path.parent), verbose=0,
             failure_config=tune.FailureConfig(max_failures=config.sweep.max_failures),
             callbacks=[MlflowTrialRecords(config.to_dict(), str(config.project_root), experiment_id, parent_run_id),
-                       LiveTable(list(config.search), quiet=quiet(), score_label="err_mm" if localizer else "score")]),
+                       LiveTable(list(config.search), quiet=quiet(), score_label="err_mm" if localizer else "score"),
+                       TailSignal(config.sweep.num_samples)]),
     )
 
 
@@ -152,16 +157,20 @@ def run_sweep(config: Config, resume: bool = False) -> SweepSummary:
         records.close_running(config, experiment_id, None)
     from mlflow.exceptions import MlflowException
 
-    interrupted = True
+    from spine_ml.sweep.threads import start_board, stop_board
+
+    interrupted, board = True, None
     try:
         quiet_libraries()
         init_ray(config)
-        tuner = build_tuner(config, experiment_id, parent, resume)
+        board = start_board() if config.sweep.widen_tail else None
+        tuner = build_tuner(config, experiment_id, parent, resume, board)
         tuner.fit()
         interrupted = False
     except MlflowException as error:  # the tracking server went away mid-sweep: no buffering, a clear stop
         raise SweepError(tracking_lost(config, error)) from None
     finally:
+        stop_board()
         try:
             records.close_running(config, experiment_id, parent, status="KILLED" if interrupted else "FINISHED")
         except MlflowException as error:

@@ -17,13 +17,14 @@ def trial_output_dir(project_root: Path, sweep_name: str, trial_id: str) -> Path
 
 
 def run_sweep_trial(sampled: dict[str, Any], *, base: dict[str, Any], project_root: str, experiment_id: str,
-                    parent_run_id: str, cpus: float) -> None:
+                    parent_run_id: str, cpus: float, board: str | None = None) -> None:
     import torch
     from ray import tune
 
     from spine_ml.config import validate
-    from spine_ml.sweep.records import KIND_TAG, STATE_TAG, SWEEP_TAG, TRIAL_TAG, finished_trial_run
+    from spine_ml.sweep.records import KIND_TAG, STATE_TAG, SWEEP_TAG, THREADS_TAG, TRIAL_TAG, finished_trial_run
     from spine_ml.sweep.space import sampled_updates
+    from spine_ml.sweep.threads import TrialThreads
     from spine_ml.tracking.store import log_trial
     from spine_ml.training.trial import run_trial
 
@@ -40,15 +41,21 @@ def run_sweep_trial(sampled: dict[str, Any], *, base: dict[str, Any], project_ro
         tune.report({"objective": metrics["score"], **metrics, "mlflow_run_id": done.info.run_id, "final": 1})
         return
 
+    threads = TrialThreads(board if config.sweep.resources.gpu == 0 else None, trial_id, cpus)
+
     def on_epoch(report) -> None:
+        threads.follow()  # the sweep's tail: take the threads of trials that finished
         if report.fold == 0:
             tune.report({"objective": report.val_score, "val_score": report.val_score, "val_loss": report.val_loss,
                          "train_loss": report.train_loss, "fold": 0, "epoch": report.epoch,
                          "epochs": report.epochs_total})
 
-    result = run_trial(config, trial_output_dir(root, config.sweep.name, trial_id), on_epoch=on_epoch)
+    try:
+        result = run_trial(config, trial_output_dir(root, config.sweep.name, trial_id), on_epoch=on_epoch)
+    finally:
+        threads.close()
     run_id = log_trial(config, result, run_name=f"{config.sweep.name}-{trial_id}", parent_run_id=parent_run_id,
                        tags={SWEEP_TAG: config.sweep.name, KIND_TAG: "trial", TRIAL_TAG: trial_id,
-                             STATE_TAG: "finished"})
+                             STATE_TAG: "finished", THREADS_TAG: str(threads.most)})
     tune.report({"objective": result.metrics["score"], **result.metrics, "mlflow_run_id": run_id, "final": 1,
                  "wall_seconds": result.wall_seconds})
