@@ -8,7 +8,10 @@
 
 The overhead ratio also counts slots left idle while the last, longest trials finish (8 trials on 2
 slots, one backbone 2.4x slower than the other: whichever trial Optuna samples last runs alone).
-To tell that packing loss from the sweep machinery's own cost, the script also list-schedules the
+Trials run in reused Ray workers (`sweep.reuse_workers`), and once the last trial has started the
+ones still running take the threads of finished ones (`sweep.widen_tail`; `widened_trials` counts
+them): a widened trial's wall is its own wall clock, as for any other trial. To tell the packing loss
+from the sweep machinery's own cost, the script also list-schedules the
 measured trial walls in their start order on the same slots with zero overhead (`ideal_makespan_s`)
 and prints sweep wall / that makespan (`machinery_overhead_ratio`) and that makespan / (Σ trial wall
 / slots) (`packing_bound_ratio`: what the overhead ratio would be if the sweep cost nothing).
@@ -30,7 +33,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 def trial_costs(config) -> list[dict]:
     """Per trial run of the sweep: state, epochs trained (all folds), wall seconds, OOF score."""
-    from spine_ml.sweep.records import STATE_TAG, trial_runs
+    from spine_ml.sweep.records import EXTRA_THREAD_SECONDS_TAG, STATE_TAG, THREADS_TAG, trial_runs
     from spine_ml.tracking.store import client, ensure_experiment
 
     mlflow = client(config)
@@ -43,7 +46,8 @@ def trial_costs(config) -> list[dict]:
         else:
             epochs = len(mlflow.get_metric_history(run.info.run_id, "val_score"))
         out.append({"state": state, "epochs": epochs, "wall": run.data.metrics.get("wall_seconds"),
-                    "score": run.data.metrics.get("score"),
+                    "score": run.data.metrics.get("score"), "threads": int(run.data.tags.get(THREADS_TAG, 0) or 0),
+                    "extra_thread_s": float(run.data.tags.get(EXTRA_THREAD_SECONDS_TAG, 0) or 0),
                     "end": run.info.end_time or run.info.start_time})
     # start order: a trial's MLflow run is written when it ends, so order by end minus its own wall
     out.sort(key=lambda t: (t["end"] or 0) / 1000.0 - (t["wall"] or 0))
@@ -65,10 +69,19 @@ def run(config_path: Path, trials: int, root: Path, scheduler: str) -> dict:
     overrides = [f"sweep.num_samples={trials}", f"sweep.scheduler={scheduler}", f"sweep.name=bench-{scheduler}",
                  f"tracking.experiment=bench-{scheduler}"]
     config = load_config(config_path, overrides)
+    started_at = time.time()
     start = time.perf_counter()
     run_sweep(config)
     wall = time.perf_counter() - start
-    return {"wall": wall, "trials": trial_costs(config), "concurrency": config.sweep.max_concurrent}
+    trials = trial_costs(config)
+    ends = [t["end"] / 1000.0 for t in trials if t["end"]]
+    starts = [t["end"] / 1000.0 - (t["wall"] or 0) for t in trials if t["end"]]
+    return {"wall": wall, "trials": trials, "concurrency": config.sweep.max_concurrent,
+            # before the first trial's training starts (data, cache, Ray, parent run) and after the last
+            # trial's MLflow run closes (plots, summary)
+            "setup": min(starts) - started_at if starts else 0.0,
+            "teardown": started_at + wall - max(ends) if ends else 0.0,
+            "cpus": config.sweep.resources.cpu}
 
 
 def main() -> int:
@@ -76,23 +89,22 @@ def main() -> int:
     parser.add_argument("--config", default=str(PROJECT / "sweeps" / "demo.yaml"))
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--overhead-only", action="store_true", help="only the full-budget sweep (figure 1)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as folder:
         root = Path(folder)
         config_copy = project_copy(Path(args.config).resolve(), root)
         full = run(config_copy, args.trials, root, "none")
-        asha = run(config_copy, args.trials, root, "asha")
+        asha = None if args.overhead_only else run(config_copy, args.trials, root, "asha")
         cache_root = root / "data" / "cache"  # crop caches are folders; their .lock files are not caches
         caches = len([p for p in cache_root.glob("crops-*") if p.is_dir()]) if cache_root.exists() else 0
 
     trial_wall = sum(t["wall"] or 0 for t in full["trials"] if t["state"] == "finished")
     overhead = full["wall"] / (trial_wall / full["concurrency"])
+    # a widened trial held more than one slot for part of its wall: count those slot-seconds too
+    slot_seconds = trial_wall + sum(t["extra_thread_s"] for t in full["trials"]) / full["cpus"]
     ideal = list_schedule([t["wall"] or 0 for t in full["trials"] if t["state"] == "finished"], full["concurrency"])
-    epochs_full = sum(t["epochs"] for t in full["trials"])
-    epochs_asha = sum(t["epochs"] for t in asha["trials"])
-    best_full = min(t["score"] for t in full["trials"] if t["score"] is not None)
-    best_asha = min(t["score"] for t in asha["trials"] if t["score"] is not None)
     figures = {
         "sweep_overhead_ratio": round(overhead, 3),
         "sweep_wall_s": round(full["wall"], 1),
@@ -101,6 +113,24 @@ def main() -> int:
         "ideal_makespan_s": round(ideal, 1),
         "machinery_overhead_ratio": round(full["wall"] / ideal, 3),
         "packing_bound_ratio": round(ideal / (trial_wall / full["concurrency"]), 3),  # the ratio at zero overhead
+        "driver_setup_s": round(full["setup"], 1),
+        "driver_teardown_s": round(full["teardown"], 1),
+        "widened_trials": sum(t["threads"] > full["cpus"] for t in full["trials"]),
+        "slot_weighted_overhead_ratio": round(full["wall"] / (slot_seconds / full["concurrency"]), 3),
+        "trial_walls_s": [round(t["wall"] or 0, 1) for t in full["trials"]],
+    }
+    if asha is not None:
+        figures.update(asha_figures(full, asha, cache_count=caches))
+    report(figures, args.json)
+    return 0
+
+
+def asha_figures(full: dict, asha: dict, cache_count: int) -> dict:
+    epochs_full = sum(t["epochs"] for t in full["trials"])
+    epochs_asha = sum(t["epochs"] for t in asha["trials"])
+    best_full = min(t["score"] for t in full["trials"] if t["score"] is not None)
+    best_asha = min(t["score"] for t in asha["trials"] if t["score"] is not None)
+    return {
         "epochs_full_budget": epochs_full,
         "epochs_asha": epochs_asha,
         "epoch_compute_saved": round(1 - epochs_asha / epochs_full, 3),
@@ -108,10 +138,8 @@ def main() -> int:
         "best_score_full": round(best_full, 4),
         "best_score_asha": round(best_asha, 4),
         "best_score_ratio": round(best_asha / best_full, 4),
-        "crop_caches_built": caches,
+        "crop_caches_built": cache_count,
     }
-    report(figures, args.json)
-    return 0
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def test_a_long_trial_takes_the_idle_cpu_once_the_short_one_ends(tmp_path, tiny_
 
     from spine_ml.cli import main
     from spine_ml.config import load_config
-    from spine_ml.sweep.records import THREADS_TAG, trial_runs
+    from spine_ml.sweep.records import EXTRA_THREAD_SECONDS_TAG, THREADS_TAG, trial_runs
     from spine_ml.tracking.store import ensure_experiment
 
     text = TINY_CONFIG.format(data=tiny_data).replace(
@@ -53,3 +53,5 @@ def test_a_long_trial_takes_the_idle_cpu_once_the_short_one_ends(tmp_path, tiny_
     assert set(runs) == {"1", "12"}, "the seed must sample one short and one long trial"
     assert runs["1"].data.tags[THREADS_TAG] == "1"
     assert runs["12"].data.tags[THREADS_TAG] == "2"
+    assert float(runs["1"].data.tags[EXTRA_THREAD_SECONDS_TAG]) == 0.0
+    assert float(runs["12"].data.tags[EXTRA_THREAD_SECONDS_TAG]) > 0.0  # the borrowed CPU time is accounted

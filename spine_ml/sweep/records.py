@@ -17,6 +17,7 @@ SWEEP_TAG = "spine_ml.sweep"
 TRIAL_TAG = "spine_ml.trial_id"
 STATE_TAG = "spine_ml.trial_state"  # finished | pruned | failed
 THREADS_TAG = "spine_ml.threads"  # the most torch threads a CPU trial used (above its CPUs: widened in the tail)
+EXTRA_THREAD_SECONDS_TAG = "spine_ml.extra_thread_seconds"  # threads above its CPUs x seconds, in the tail
 
 
 def trial_kind(config: Config) -> str:

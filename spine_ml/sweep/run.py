@@ -11,6 +11,7 @@ import logging
 import os
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,7 +146,12 @@ def run_sweep(config: Config, resume: bool = False) -> SweepSummary:
         raise SweepError(f"sweep '{config.sweep.name}' already exists at {path}; continue it with --resume, or "
                          f"start another with --set sweep.name=NEW_NAME")
     start = time.time()
-    experiment_id = ensure_experiment(config)  # fails early on an unwritable store
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spine-ml-store") as pool:
+        # open the MLflow store on a thread while Ray starts (its start is mostly waiting on its processes)
+        store = pool.submit(ensure_experiment, config)
+        quiet_libraries()
+        init_ray(config)
+        experiment_id = store.result()  # fails early on an unwritable store, before any data work
     ensure_synthetic(config)
     if config.sweep.target == "classifier":  # localizer trials read the DICOM series, not the crop cache
         cache = ensure_cache(config)  # built once here, opened read-only by every trial
@@ -159,10 +165,8 @@ def run_sweep(config: Config, resume: bool = False) -> SweepSummary:
 
     from spine_ml.sweep.threads import start_board, stop_board
 
-    interrupted, board = True, None
+    interrupted = True
     try:
-        quiet_libraries()
-        init_ray(config)
         board = start_board() if config.sweep.widen_tail else None
         tuner = build_tuner(config, experiment_id, parent, resume, board)
         tuner.fit()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any
 
 from ray.tune import Callback
@@ -140,6 +141,8 @@ class TrialThreads:
 
         self.trial_id, self.cpus = trial_id, cpus
         self.most = torch.get_num_threads()
+        self.extra_thread_seconds = 0.0  # threads above the reservation x seconds held: the tail's borrowed CPU time
+        self._since = time.perf_counter()
         self.board = None
         if board is None:
             return
@@ -169,10 +172,19 @@ class TrialThreads:
             return
         share = min(share, available_cpus())
         if share >= 1 and share != torch.get_num_threads():
+            self._account()
             torch.set_num_threads(share)
             self.most = max(self.most, share)
 
+    def _account(self) -> None:
+        import torch
+
+        now = time.perf_counter()
+        self.extra_thread_seconds += max(0.0, torch.get_num_threads() - max(1.0, self.cpus)) * (now - self._since)
+        self._since = now
+
     def close(self) -> None:
+        self._account()
         if self.board is not None:
             try:
                 self.board.unregister.remote(self.trial_id)

@@ -22,7 +22,8 @@ def run_sweep_trial(sampled: dict[str, Any], *, base: dict[str, Any], project_ro
     from ray import tune
 
     from spine_ml.config import validate
-    from spine_ml.sweep.records import KIND_TAG, STATE_TAG, SWEEP_TAG, THREADS_TAG, TRIAL_TAG, finished_trial_run
+    from spine_ml.sweep.records import (EXTRA_THREAD_SECONDS_TAG, KIND_TAG, STATE_TAG, SWEEP_TAG, THREADS_TAG, TRIAL_TAG,
+                                        finished_trial_run)
     from spine_ml.sweep.space import sampled_updates
     from spine_ml.sweep.threads import TrialThreads
     from spine_ml.tracking.store import log_trial
@@ -56,6 +57,7 @@ def run_sweep_trial(sampled: dict[str, Any], *, base: dict[str, Any], project_ro
         threads.close()
     run_id = log_trial(config, result, run_name=f"{config.sweep.name}-{trial_id}", parent_run_id=parent_run_id,
                        tags={SWEEP_TAG: config.sweep.name, KIND_TAG: "trial", TRIAL_TAG: trial_id,
-                             STATE_TAG: "finished", THREADS_TAG: str(threads.most)})
+                             STATE_TAG: "finished", THREADS_TAG: str(threads.most),
+                             EXTRA_THREAD_SECONDS_TAG: f"{threads.extra_thread_seconds:.1f}"})
     tune.report({"objective": result.metrics["score"], **result.metrics, "mlflow_run_id": run_id, "final": 1,
                  "wall_seconds": result.wall_seconds})
