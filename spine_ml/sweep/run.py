@@ -167,7 +167,7 @@ def run_sweep(config: Config, resume: bool = False) -> SweepSummary:
 
     interrupted = True
     try:
-        board = start_board() if config.sweep.widen_tail else None
+        board = start_board() if config.sweep.widen_tail and config.sweep.target == "classifier" else None
         tuner = build_tuner(config, experiment_id, parent, resume, board)
         tuner.fit()
         interrupted = False
