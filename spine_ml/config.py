@@ -143,7 +143,8 @@ class SweepConfig(Section):
     reuse_workers: bool = Field(True, description="run the next trial in the finished trial's Ray worker "
                                 "(torch, timm and MLflow stay imported: ~5 s saved per trial on a CPU)")
     widen_tail: bool = Field(True, description="once the last trial has started, CPU trials still running "
-                             "take the torch threads of finished trials on their node (see sweep/threads.py)")
+                             "take the torch threads of finished trials on their node (see sweep/threads.py); "
+                             "false: every trial keeps its thread count, so reruns repeat bit for bit")
 
 
 class TrackingConfig(Section):
