@@ -4,6 +4,8 @@ Multi-fidelity scheme for ASHA: a trial reports once per epoch of fold 0 (`objec
 held-out score at that epoch), trains the remaining folds without reporting, logs itself to MLflow,
 then reports once more with `objective` = the full out-of-fold score (the metric of record).
 So ASHA compares trials on the cheap fold-0 curve and only survivors pay for the full CV.
+After every epoch (any fold) a CPU trial also asks the sweep's thread board for its share of the
+CPUs (sweep/threads.py: in the sweep's tail it takes the threads of finished trials).
 """
 from __future__ import annotations
 
