@@ -106,6 +106,9 @@ class TailSignal(Callback):
         self.num_samples = num_samples
         self.sent: tuple[bool, tuple[str, ...]] | None = None
 
+    def setup(self, *args, **info):
+        self.sent = None  # a resumed sweep pickled what it last sent; this driver's board knows nothing yet
+
     def _board(self):
         return _DRIVER_BOARD
 
