@@ -43,13 +43,8 @@ def trial_costs(config) -> list[dict]:
     mlflow = client(config)
     out = []
     for run in trial_runs(config, ensure_experiment(config)):
-        state = run.data.tags.get(STATE_TAG)
-        if state == "finished":
-            history = mlflow.get_metric_history(run.info.run_id, "val_score")
-            epochs = len(history)
-        else:
-            epochs = len(mlflow.get_metric_history(run.info.run_id, "val_score"))
-        out.append({"state": state, "epochs": epochs, "wall": run.data.metrics.get("wall_seconds"),
+        epochs = len(mlflow.get_metric_history(run.info.run_id, "val_score"))
+        out.append({"state": run.data.tags.get(STATE_TAG), "epochs": epochs, "wall": run.data.metrics.get("wall_seconds"),
                     "score": run.data.metrics.get("score"), "threads": int(run.data.tags.get(THREADS_TAG, 0) or 0),
                     "extra_thread_s": float(run.data.tags.get(EXTRA_THREAD_SECONDS_TAG, 0) or 0),
                     "end": run.info.end_time or run.info.start_time})

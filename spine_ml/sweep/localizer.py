@@ -12,7 +12,6 @@ without --localizer — returns it until a newer `train-localizer` run or sweep 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -35,21 +34,14 @@ def objective(metrics: dict[str, float]) -> float:
 def run_localizer_trial(sampled: dict[str, Any], *, base: dict[str, Any], project_root: str, experiment_id: str,
                         parent_run_id: str, cpus: float) -> None:
     """Ray Tune function trainable: train_localizer, log_localizer (before the one report), report."""
-    import torch
     from ray import tune
 
-    from spine_ml.config import validate
     from spine_ml.localize.store import log_localizer
     from spine_ml.localize.train import train_localizer
     from spine_ml.sweep.records import STATE_TAG, SWEEP_TAG, TRIAL_TAG, finished_trial_run
-    from spine_ml.sweep.space import sampled_updates
-    from spine_ml.sweep.trainable import trial_output_dir
+    from spine_ml.sweep.trainable import trial_output_dir, trial_setup
 
-    os.environ.setdefault("SPINE_ML_QUIET", "1")
-    torch.set_num_threads(max(1, int(cpus)))
-    base_config = validate(base, Path(project_root), source="sweep config")
-    config = base_config.with_updates(sampled_updates(base_config, sampled))
-    trial_id = tune.get_context().get_trial_id()
+    config, trial_id = trial_setup(sampled, base, project_root, cpus)
 
     done = finished_trial_run(config, experiment_id, trial_id)
     if done is not None:  # resumed sweep: this trial finished before the driver died
@@ -65,13 +57,13 @@ def run_localizer_trial(sampled: dict[str, Any], *, base: dict[str, Any], projec
                  "wall_seconds": result.wall_seconds})
 
 
-def finished_rows(config: Config, experiment_id: str) -> list[dict]:
-    """Finished trials of this localizer sweep, best (lowest objective) first."""
+def finished_rows(config: Config, runs: list) -> list[dict]:
+    """The finished trials among a localizer sweep's trial `runs`, best (lowest objective) first."""
     from spine_ml.sweep import records
 
     rows = []
-    for run in records.trial_runs(config, experiment_id, status="FINISHED"):
-        if run.data.tags.get(records.STATE_TAG) != "finished":
+    for run in runs:
+        if run.info.status != "FINISHED" or run.data.tags.get(records.STATE_TAG) != "finished":
             continue
         metrics = run.data.metrics
         rows.append({"run_id": run.info.run_id, "trial_id": run.data.tags.get(records.TRIAL_TAG),
@@ -80,13 +72,12 @@ def finished_rows(config: Config, experiment_id: str) -> list[dict]:
     return sorted(rows, key=lambda row: (row["objective"], row["run_id"]))
 
 
-def choose_best(config: Config, experiment_id: str, parent_run_id: str) -> str | None:
-    """Tag the best finished trial as the default localizer (and name it on the parent run)."""
+def choose_best(config: Config, rows: list[dict], parent_run_id: str) -> str | None:
+    """Tag the best of `rows` (finished_rows) as the default localizer (and name it on the parent run)."""
     from spine_ml.localize.store import choose_localizer
     from spine_ml.sweep.records import _retry
     from spine_ml.tracking.store import client
 
-    rows = finished_rows(config, experiment_id)
     if not rows:
         return None
     best = rows[0]["run_id"]

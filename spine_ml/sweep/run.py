@@ -183,10 +183,11 @@ def run_sweep(config: Config, resume: bool = False) -> SweepSummary:
         from spine_ml.sweep.localizer import choose_best
 
         try:
-            chosen = choose_best(config, experiment_id, parent)
+            summary = summarise(config, experiment_id, parent, time.time() - start)
+            summary.chosen_localizer = choose_best(config, summary.finished, parent)
         except MlflowException as error:
             raise SweepError(tracking_lost(config, error)) from None
-        return summarise(config, experiment_id, parent, time.time() - start, chosen)
+        return summary
     try:  # plots/optimisation_history.png, param_importances.png on the parent run; never fail a sweep
         from spine_ml.plots.sweep import log_sweep_plots
 
@@ -196,21 +197,19 @@ def run_sweep(config: Config, resume: bool = False) -> SweepSummary:
     return summarise(config, experiment_id, parent, time.time() - start)
 
 
-def summarise(config: Config, experiment_id: str, parent_run_id: str, wall: float,
-              chosen_localizer: str | None = None) -> SweepSummary:
+def summarise(config: Config, experiment_id: str, parent_run_id: str, wall: float) -> SweepSummary:
     from spine_ml.sweep import records
 
-    summary = SweepSummary(config.sweep.name, experiment_id, parent_run_id, wall, target=config.sweep.target,
-                           chosen_localizer=chosen_localizer)
-    if config.sweep.target == "localizer":
+    summary = SweepSummary(config.sweep.name, experiment_id, parent_run_id, wall, target=config.sweep.target)
+    runs = records.trial_runs(config, experiment_id)
+    localizer = config.sweep.target == "localizer"
+    if localizer:
         from spine_ml.sweep.localizer import finished_rows
 
-        summary.finished = finished_rows(config, experiment_id)
-    for run in records.trial_runs(config, experiment_id):
+        summary.finished = finished_rows(config, runs)  # best first
+    for run in runs:
         state = run.data.tags.get(records.STATE_TAG)
-        if config.sweep.target == "localizer" and state == "finished":
-            continue  # listed above
-        if state == "finished" and "score" in run.data.metrics:
+        if state == "finished" and not localizer and "score" in run.data.metrics:
             summary.finished.append({"run_id": run.info.run_id, "trial_id": run.data.tags.get(records.TRIAL_TAG),
                                      **{k: run.data.metrics[k] for k in ("score", "spinal", "foraminal", "subarticular",
                                                                         "any_severe_spinal") if k in run.data.metrics},
@@ -219,7 +218,8 @@ def summarise(config: Config, experiment_id: str, parent_run_id: str, wall: floa
             summary.pruned += 1
         elif state == "failed":
             summary.failed += 1
-    summary.finished.sort(key=lambda r: r["score"] if "score" in r else r["objective"])
+    if not localizer:
+        summary.finished.sort(key=lambda r: r["score"])
     return summary
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
 
 from ray.tune import Callback
 
@@ -70,10 +69,6 @@ class ThreadBoard:
         live = {t: self.trials[t] for t in self.running | {trial_id}}
         return tail_shares(live, self.peak)[trial_id]
 
-    def state(self) -> dict[str, Any]:
-        return {"trials": dict(self.trials), "peak": dict(self.peak), "tail": self.tail,
-                "running": sorted(self.running)}
-
 
 def start_board() -> str:
     """Start this driver's board actor (it dies with the driver); returns its name for the trials."""
@@ -109,22 +104,19 @@ class TailSignal(Callback):
     def setup(self, *args, **info):
         self.sent = None  # a resumed sweep pickled what it last sent; this driver's board knows nothing yet
 
-    def _board(self):
-        return _DRIVER_BOARD
-
     def on_step_end(self, iteration, trials, **info):
         from ray.tune.experiment import Trial
 
         waiting = any(t.status in (Trial.PENDING, Trial.PAUSED) for t in trials)
         tail = len(trials) >= self.num_samples and not waiting
         running = tuple(sorted(t.trial_id for t in trials if t.status == Trial.RUNNING))
-        if (tail, running) != self.sent and (board := self._board()) is not None:
-            board.set_tail.remote(tail, list(running))
+        if (tail, running) != self.sent and _DRIVER_BOARD is not None:
+            _DRIVER_BOARD.set_tail.remote(tail, list(running))
             self.sent = (tail, running)
 
     def _gone(self, trial) -> None:
-        if (board := self._board()) is not None:
-            board.unregister.remote(trial.trial_id)  # a killed trial could not say so itself
+        if _DRIVER_BOARD is not None:
+            _DRIVER_BOARD.unregister.remote(trial.trial_id)  # a killed trial could not say so itself
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._gone(trial)
@@ -142,7 +134,10 @@ class TrialThreads:
     def __init__(self, board: str | None, trial_id: str, cpus: float):
         import torch
 
+        from spine_ml.cpus import available_cpus
+
         self.trial_id, self.cpus = trial_id, cpus
+        self.limit = available_cpus()  # this process's CPUs: no share goes above them
         self.most = torch.get_num_threads()
         self.extra_thread_seconds = 0.0  # threads above the reservation x seconds held: the tail's borrowed CPU time
         self._since = time.perf_counter()
@@ -165,15 +160,13 @@ class TrialThreads:
         import ray
         import torch
 
-        from spine_ml.cpus import available_cpus
-
         try:
             share = ray.get(self.board.threads.remote(self.trial_id), timeout=10)
         except Exception as error:  # noqa: BLE001 - the board went away: keep the threads we have
             log.debug("thread board unreachable: %s", error)
             self.board = None
             return
-        share = min(share, available_cpus())
+        share = min(share, self.limit)
         if share >= 1 and share != torch.get_num_threads():
             self._account()
             torch.set_num_threads(share)

@@ -18,29 +18,36 @@ def trial_output_dir(project_root: Path, sweep_name: str, trial_id: str) -> Path
     return project_root / "mlruns" / "trials" / sweep_name / trial_id
 
 
-def run_sweep_trial(sampled: dict[str, Any], *, base: dict[str, Any], project_root: str, experiment_id: str,
-                    parent_run_id: str, cpus: float, board: str | None = None) -> None:
+def trial_setup(sampled: dict[str, Any], base: dict[str, Any], project_root: str, cpus: float):
+    """What every sweep trial does first: quiet logs, torch threads for its CPUs, its config (the
+    sweep's base config with the sampled values), and its Tune trial id."""
     import torch
     from ray import tune
 
     from spine_ml.config import validate
+    from spine_ml.sweep.space import sampled_updates
+
+    os.environ.setdefault("SPINE_ML_QUIET", "1")
+    torch.set_num_threads(max(1, int(cpus)))
+    base_config = validate(base, Path(project_root), source="sweep config")
+    return base_config.with_updates(sampled_updates(base_config, sampled)), tune.get_context().get_trial_id()
+
+
+def run_sweep_trial(sampled: dict[str, Any], *, base: dict[str, Any], project_root: str, experiment_id: str,
+                    parent_run_id: str, cpus: float, board: str | None = None) -> None:
+    from ray import tune
+
     from spine_ml.sweep.records import (EXTRA_THREAD_SECONDS_TAG, KIND_TAG, STATE_TAG, SWEEP_TAG, THREADS_TAG, TRIAL_TAG,
                                         finished_trial_run)
-    from spine_ml.sweep.space import sampled_updates
     from spine_ml.sweep.threads import TrialThreads
     from spine_ml.tracking.store import log_trial
     from spine_ml.training.trial import run_trial
 
-    os.environ.setdefault("SPINE_ML_QUIET", "1")
-    torch.set_num_threads(max(1, int(cpus)))
-    root = Path(project_root)
-    base_config = validate(base, root, source="sweep config")
-    config = base_config.with_updates(sampled_updates(base_config, sampled))
-    trial_id = tune.get_context().get_trial_id()
+    config, trial_id = trial_setup(sampled, base, project_root, cpus)
 
     done = finished_trial_run(config, experiment_id, trial_id)
     if done is not None:  # resumed sweep: this trial finished before the driver died
-        metrics = {k: v for k, v in done.data.metrics.items()}
+        metrics = dict(done.data.metrics)
         tune.report({"objective": metrics["score"], **metrics, "mlflow_run_id": done.info.run_id, "final": 1})
         return
 
@@ -54,7 +61,7 @@ def run_sweep_trial(sampled: dict[str, Any], *, base: dict[str, Any], project_ro
                          "epochs": report.epochs_total})
 
     try:
-        result = run_trial(config, trial_output_dir(root, config.sweep.name, trial_id), on_epoch=on_epoch)
+        result = run_trial(config, trial_output_dir(Path(project_root), config.sweep.name, trial_id), on_epoch=on_epoch)
     finally:
         threads.close()
     run_id = log_trial(config, result, run_name=f"{config.sweep.name}-{trial_id}", parent_run_id=parent_run_id,
